@@ -1,0 +1,7 @@
+"""diffkern.ops: the public operator API. One function per operator; each validates its
+arguments (errors name the argument) and runs as a torch custom op whose implementation picks
+a backend at run time (see :mod:`diffkern._dispatch`)."""
+
+from .chebyshev import chebyshev_basis, chebyshev_eval, chebyshev_fit, chebyshev_forecast
+
+__all__ = ["chebyshev_basis", "chebyshev_eval", "chebyshev_fit", "chebyshev_forecast"]
