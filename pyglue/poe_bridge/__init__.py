@@ -1,0 +1,1 @@
+"""diffkern.poe_bridge (being built)."""

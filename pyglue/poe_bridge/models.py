@@ -1,0 +1,53 @@
+"""The tiny model pair shipped with diffkern (trained by ``scripts/train_poe_bridge_models.py``).
+
+``pyglue/assets/poe_bridge/`` holds ``tokenizer/`` (shared), ``ar/`` (a GPT-2 causal LM) and
+``dlm/`` (a BERT masked LM trained as a masked-diffusion LM), all written with
+``save_pretrained`` and read with ``from_pretrained`` without network access.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Tuple
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "poe_bridge"
+TOKENIZER_DIR = ASSET_DIR / "tokenizer"
+AR_DIR = ASSET_DIR / "ar"
+DLM_DIR = ASSET_DIR / "dlm"
+
+
+def _require(path: Path) -> Path:
+    if not (path / "config.json").exists() and not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"diffkern.poe_bridge: shipped model files are missing at {path}; "
+            "run `python scripts/train_poe_bridge_models.py` in a source checkout")
+    return path
+
+
+def load_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast.from_pretrained(str(_require(TOKENIZER_DIR)), local_files_only=True)
+
+
+def load_ar_model(dtype=None):
+    from transformers import AutoModelForCausalLM
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(str(_require(AR_DIR)), local_files_only=True,
+                                                 attn_implementation="eager", dtype=dtype)
+    return model.eval()
+
+
+def load_dlm_model(dtype=None):
+    from transformers import AutoModelForMaskedLM
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForMaskedLM.from_pretrained(str(_require(DLM_DIR)), local_files_only=True,
+                                                 attn_implementation="eager", dtype=dtype)
+    return model.eval()
+
+
+def load_pair() -> Tuple[object, object, object]:
+    """``(tokenizer, draft_model, target_model)``: the raw transformers models; wrap them with
+    :class:`diffkern.poe_bridge.MaskedLMDraft` / :class:`diffkern.poe_bridge.CausalLMTarget`
+    (or use :func:`diffkern.poe_bridge.load_shipped`)."""
+    return load_tokenizer(), load_dlm_model(), load_ar_model()
