@@ -5,3 +5,6 @@ a backend at run time (see :mod:`diffkern._dispatch`)."""
 from .chebyshev import chebyshev_basis, chebyshev_eval, chebyshev_fit, chebyshev_forecast
 
 __all__ = ["chebyshev_basis", "chebyshev_eval", "chebyshev_fit", "chebyshev_forecast"]
+from .poe import PoEVerifyResult, poe_draft, poe_verify, product_of_experts
+
+__all__ += ["PoEVerifyResult", "poe_draft", "poe_verify", "product_of_experts"]
