@@ -1,0 +1,101 @@
+"""Baselines in the same framework as Spectrum (same hook point, same warm-up): FORA and TaylorSeer."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+from torch import Tensor
+
+from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
+from .forecaster import FeatureCache, SpectrumForecaster
+
+__all__ = ["FORACache", "TaylorSeerCache", "make_cache"]
+
+
+class FORACache(FeatureCache):
+    """FORA: the forecast is the feature of the last real step (plain reuse)."""
+
+    name = "fora"
+
+    def __init__(self, config: FORAConfig, num_steps: int) -> None:
+        super().__init__(config, num_steps)
+        self._last: Dict[int, Tensor] = {}
+
+    def reset(self) -> None:
+        self._last.clear()
+
+    def recorded(self, group: int) -> int:
+        return int(group in self._last)
+
+    def record(self, group: int, step: int, feat: Tensor) -> None:
+        last = self._last.get(group)
+        if last is None:
+            self._last[group] = feat.detach().clone()
+        else:
+            self._check_shape("feature", (tuple(last.shape), last.dtype, last.device), feat)
+            last.copy_(feat.detach())
+
+    def predict(self, group: int, step: int) -> Tensor:
+        return self._last[group]
+
+
+class TaylorSeerCache(FeatureCache):
+    """TaylorSeer: divided differences of the real-step features, Taylor-expanded in steps.
+
+    On a real step at ``s`` after the previous real step ``s'`` (d = s - s'): ``D_0 = f``,
+    ``D_{i+1} = (D_i - D_i_old) / d`` for i < order while the old factor exists; as in the
+    official ``derivative_approximation`` the differences are only refreshed for
+    ``step > warmup_steps - 2`` (``first_enhance - 2``). Prediction at ``s + x``:
+    ``sum_i D_i x^i / i!`` over the factors present (official ``taylor_formula``)."""
+
+    name = "taylorseer"
+
+    def __init__(self, config: TaylorSeerConfig, num_steps: int) -> None:
+        super().__init__(config, num_steps)
+        self._factors: Dict[int, List[Tensor]] = {}
+        self._last_step: Dict[int, int] = {}
+
+    def reset(self) -> None:
+        self._factors.clear()
+        self._last_step.clear()
+
+    def recorded(self, group: int) -> int:
+        return len(self._factors.get(group, ()))
+
+    def ready(self, group: int) -> bool:
+        return self.recorded(group) >= 1
+
+    def record(self, group: int, step: int, feat: Tensor) -> None:
+        old = self._factors.get(group, [])
+        if old:
+            self._check_shape("feature", (tuple(old[0].shape), old[0].dtype, old[0].device), feat)
+        new = [feat.detach().clone()]
+        prev = self._last_step.get(group)
+        if prev is not None and step > self.config.warmup_steps - 2:
+            d = float(step - prev)
+            for i in range(self.config.order):
+                if i >= len(old):
+                    break
+                new.append((new[i].float() - old[i].float()).div_(d).to(feat.dtype))
+        self._factors[group] = new
+        self._last_step[group] = step
+
+    def predict(self, group: int, step: int) -> Tensor:
+        factors = self._factors[group]
+        x = float(step - self._last_step[group])
+        out = factors[0].float()
+        for i in range(1, len(factors)):
+            out = out + factors[i].float() * (x ** i / math.factorial(i))
+        return out.to(factors[0].dtype)
+
+
+def make_cache(config, num_steps: Optional[int] = None) -> FeatureCache:
+    n = config.num_steps if num_steps is None else num_steps
+    if isinstance(config, SpectrumConfig):
+        return SpectrumForecaster(config, n)
+    if isinstance(config, FORAConfig):
+        return FORACache(config, n)
+    if isinstance(config, TaylorSeerConfig):
+        return TaylorSeerCache(config, n)
+    raise TypeError(f"config: expected SpectrumConfig, FORAConfig or TaylorSeerConfig, got {type(config).__name__}")
