@@ -1,0 +1,73 @@
+"""The tiny class-conditional DiT shipped with diffkern, trained by
+``scripts/train_spectrum_dit.py`` (rectified flow on scikit-learn's 8x8 digits).
+
+It is a stock diffusers ``DiTTransformer2DModel`` saved with ``save_pretrained`` (safetensors,
+fp16) under ``diffkern/assets/spectrum/tiny_dit`` and loaded with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["ASSET_DIR", "MODEL_CONFIG", "load_tiny_dit", "load_digits", "flow_sample", "to_images"]
+
+ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "spectrum", "tiny_dit")
+
+# 16 tokens (2x2 patches of an 8x8 image), width 128, 4 blocks: ~1.4M parameters.
+MODEL_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1,
+                    num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                    norm_num_groups=1)
+
+
+def load_tiny_dit(path: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Load the shipped weights (no download) as an eval-mode ``DiTTransformer2DModel``."""
+    from diffusers import DiTTransformer2DModel
+
+    path = ASSET_DIR if path is None else path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no tiny DiT weights at {path}; train them with "
+                                "`python scripts/train_spectrum_dit.py`")
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # silence the optional-`accelerate` notice
+    try:
+        model = DiTTransformer2DModel.from_pretrained(path, torch_dtype=dtype)
+    finally:
+        dlogging.set_verbosity(level)
+    return model.to(device).eval()
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1797 8x8 digits as ``[-1, 1]`` images ``[1797, 1, 8, 8]`` and labels."""
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    return images, torch.tensor(d.target, dtype=torch.long)
+
+
+@torch.no_grad()
+def flow_sample(model, noise: Tensor, labels: Tensor, num_steps: int = 50,
+                callback: Optional[Callable[[int], None]] = None) -> Tensor:
+    """Rectified-flow Euler sampler: x_1 = noise, x_{t-dt} = x_t - dt v(x_t, t), t = 1 -> 0.
+
+    The model sees ``timestep = 1000 t`` (what it was trained with)."""
+    x = noise
+    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    for i in range(num_steps):
+        t = torch.full((x.shape[0],), float(ts[i]) * 1000.0, dtype=x.dtype, device=x.device)
+        v = model(x, timestep=t, class_labels=labels, return_dict=False)[0]
+        x = x + float(ts[i + 1] - ts[i]) * v
+        if callback is not None:
+            callback(i)
+    return x
+
+
+def to_images(x: Tensor) -> Tensor:
+    """Model space ``[-1, 1]`` -> ``[0, 1]`` images."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
