@@ -598,7 +598,10 @@ DK_AI void combine_rows_impl(const CombineArgs<T>& a, int64_t begin, int64_t end
       if (a.w[e] == 0.f) continue;  // 0 * (-inf) = 0: no say
       load_row(a.ptr[e] + r * a.row_stride[e], buf.data(), a.V, f);
       const float w = a.w[e] * a.inv_t;
-      for (int64_t i = 0; i < a.V; ++i) o[i] += w * buf[i];
+      for (int64_t i = 0; i < a.V; ++i) {  // -inf in any expert with a say masks the token
+        const bool masked = o[i] == -INFINITY || buf[i] == -INFINITY;
+        o[i] = masked ? -INFINITY : o[i] + w * buf[i];
+      }
     }
     const float m = row_max(o, a.V);
     float acc[kLanes] = {0};

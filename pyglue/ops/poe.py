@@ -269,10 +269,15 @@ def verify_reference(dlm_logits: Tensor, ar_logits: Tensor, draft_tokens: Tensor
 
 def poe_reference(logits: Sequence[Tensor], weights: Sequence[float], temperature: float) -> Tensor:
     compute = torch.float64 if any(t.dtype == torch.float64 for t in logits) else torch.float32
-    acc = None
+    acc, masked = None, None
     for lg, w in zip(logits, weights):
-        term = _weighted(w, lg.to(torch.float64))
+        lg = lg.to(torch.float64)
+        term = _weighted(w, torch.where(lg == -math.inf, torch.zeros_like(lg), lg))
         acc = term if acc is None else acc + term
+        if w != 0.0:   # a token masked (-inf) by any expert with a say is masked in the product
+            masked = (lg == -math.inf) if masked is None else masked | (lg == -math.inf)
+    if masked is not None:
+        acc = acc.masked_fill(masked, -math.inf)
     return torch.log_softmax(acc / temperature, dim=-1).to(compute)
 
 
@@ -691,7 +696,10 @@ def product_of_experts(logits: Union[Tensor, Sequence[Tensor]], weights: Union[T
         logits: a sequence of E tensors of one shape ``[..., V]``, or one ``[E, ..., V]`` tensor.
         weights: E floats (or an ``[E]`` tensor; under ``torch.compile`` pass floats), any sign:
             classifier-free guidance with scale s is ``weights = (1 + s, -s)`` on (cond, uncond).
-            A weight of 0 removes its expert entirely (``0 * (-inf) = 0``).
+            A weight of 0 removes its expert entirely (``0 * (-inf) = 0``); a token that is
+            ``-inf`` in any expert of non-zero weight is ``-inf`` in the product (a product of
+            probabilities with a zero factor), whatever the weight's sign. A row masked
+            everywhere gives NaN.
         temperature: > 0.
 
     Returns:
