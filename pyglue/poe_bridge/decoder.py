@@ -255,7 +255,7 @@ class PoEBridgeDecoder:
                 new_valid = torch.zeros(B * K, Lin, dtype=torch.bool, device=dev)
                 na_all, cor_all = res.num_accepted.cpu(), res.corrected.cpu()
                 tok_all, lw_all = res.tokens.cpu(), res.log_weights.detach().float().cpu()
-                cont = []
+                cont, chosen = [], {}
                 for i, b in enumerate(in_window):
                     Lb = lens[b]
                     na = na_all[i].clamp(max=Lb)
@@ -268,8 +268,6 @@ class PoEBridgeDecoder:
                                 emit[k], has_eos[k] = j + 1, True
                                 break
                     lw = lw_all[i]
-                    if parity:  # official: mean raw-logit energy over the emitted tokens
-                        lw = lw / emit.clamp(min=1).float()
                     lw = torch.nan_to_num(lw, nan=float("-inf"))
                     if cfg.selection == "argmax" or K == 1:
                         k_star = int(torch.argmax(lw))
@@ -282,6 +280,7 @@ class PoEBridgeDecoder:
                     stats.drafted += K * Lb
                     stats.accepted += int(na.sum())
                     e = int(emit[k_star])
+                    chosen[b] = (i, k_star, e)
                     new = tok_all[i, k_star, :e].tolist()
                     gen[b] += new
                     committed[b] += new
@@ -305,7 +304,8 @@ class PoEBridgeDecoder:
                 if hook is not None:
                     hook({"committed": committed, "generated": gen, "cache": cache, "valid": valid,
                           "cached": cached, "num_particles": K, "target": self.target, "done": done,
-                          "result": res, "draft_tokens": tokens, "window_sequences": list(in_window)})
+                          "result": res, "draft_tokens": tokens, "window_sequences": list(in_window),
+                          "selected": chosen, "window_lengths": lens})
                 in_window = cont
                 wi += 1
         if bar is not None:
