@@ -13,7 +13,7 @@ sampled training problems (held-out letter sets are never seen):
 
 Runs on CPU with one thread by default, in a few minutes::
 
-    python scripts/train_poe_bridge_models.py [--ar-steps 2500] [--dlm-steps 4000] [--out DIR]
+    python scripts/train_poe_bridge_models.py [--ar-steps 2000] [--dlm-steps 2800] [--out DIR]
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def train(model, make_batch, steps, lr, log_name):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ASSET_DIR)
-    ap.add_argument("--ar-steps", type=int, default=2500)
-    ap.add_argument("--dlm-steps", type=int, default=4000)
+    ap.add_argument("--ar-steps", type=int, default=2000)
+    ap.add_argument("--dlm-steps", type=int, default=2800)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
