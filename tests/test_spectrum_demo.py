@@ -74,4 +74,4 @@ def test_metrics():
     assert demo.psnr(a, a) == math.inf
     b = (a + 0.1).clamp(0, 1)
     assert 10 < demo.psnr(b, a) < 30 and demo.ssim(b, a) < 1.0
-    assert demo.psnr((a + 0.01), a) == pytest.approx(40.0, abs=1e-6)
+    assert demo.psnr((a + 0.01), a) == pytest.approx(40.0, abs=1e-3)

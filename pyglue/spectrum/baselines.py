@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
+import torch
 from torch import Tensor
 
 from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
@@ -77,16 +78,18 @@ class TaylorSeerCache(FeatureCache):
             for i in range(self.config.order):
                 if i >= len(old):
                     break
-                new.append((new[i].float() - old[i].float()).div_(d).to(feat.dtype))
+                acc = torch.promote_types(feat.dtype, torch.float32)
+                new.append((new[i].to(acc) - old[i].to(acc)).div_(d).to(feat.dtype))
         self._factors[group] = new
         self._last_step[group] = step
 
     def predict(self, group: int, step: int) -> Tensor:
         factors = self._factors[group]
         x = float(step - self._last_step[group])
-        out = factors[0].float()
+        acc = torch.promote_types(factors[0].dtype, torch.float32)
+        out = factors[0].to(acc)
         for i in range(1, len(factors)):
-            out = out + factors[i].float() * (x ** i / math.factorial(i))
+            out = out + factors[i].to(acc) * (x ** i / math.factorial(i))
         return out.to(factors[0].dtype)
 
 
