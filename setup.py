@@ -48,7 +48,7 @@ def _extensions():
               "(reference backend only); build with --no-build-isolation to get the C++ ops")
         return [], {}
 
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fvisibility=hidden"]
     if "OpenMP" in torch.__config__.parallel_info():
         cxx.append("-fopenmp")  # only when torch itself uses OpenMP (as xformers does)
     if _flag("DIFFKERN_NATIVE"):
