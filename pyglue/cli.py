@@ -1,0 +1,112 @@
+"""The ``diffkern`` command: ``info``, ``bench``, ``demo <method>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+DEMOS = {"spectrum": "diffkern.spectrum.demo", "poe-bridge": "diffkern.poe_bridge.demo"}
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    wanted = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16"]
+                    return " ".join(w for w in wanted if w in flags)
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import diffkern
+    from diffkern import _extension
+
+    print(f"diffkern {diffkern.__version__}   python {platform.python_version()}   torch {torch.__version__}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    print(f"CPU: {torch.get_num_threads()} threads; features: {_cpu_features()}")
+    print(f"CUDA device visible: {torch.cuda.is_available()}")
+    ok, why = _extension.load()
+    print(f"diffkern._C: {why}")
+    if ok:
+        info = _extension.build_info()
+        print(f"  built with: torch {info.get('torch')}, {info.get('compiler', '?')}, OpenMP={info.get('openmp')}, "
+              f"CUDA kernels={'yes' if info.get('cuda') else 'no'}, CPU path={info.get('runtime_isa')}")
+    print("backends:")
+    for name, status in diffkern.backends().items():
+        print(f"  {name:10s} {'available  ' if status.available else 'unavailable'}  {status.reason}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from diffkern.bench import SUITES, harness, suite_cases
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suites = args.suite or list(SUITES)
+    cases = harness.chain(*(suite_cases(s, args.quick) for s in suites))
+    report = harness.run(cases, quick=args.quick, progress=not args.no_progress)
+    print(harness.format_table(report))
+    harness.write_json(report, args.json)
+    print(f"wrote {args.json}")
+    problem = harness.write_plot(report, args.png)
+    print(problem or f"wrote {args.png}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    return args.demo_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffkern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, backends (and why not), CPU features, build flags")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="time every operator x backend; prints a table, writes JSON and a PNG")
+    p.add_argument("--quick", action="store_true", help="small shapes, no torch.compile rows: a run of seconds")
+    p.add_argument("--suite", action="append", choices=["chebyshev", "poe"],
+                   help="run only this suite (repeatable); default: all")
+    p.add_argument("--json", default="diffkern-bench.json", help="where to write the JSON report")
+    p.add_argument("--png", default="diffkern-bench.png", help="where to write the speed-up plot")
+    p.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="end-to-end demo of a method")
+    demos = p.add_subparsers(dest="method", required=True)
+    for name, module in DEMOS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            d = demos.add_parser(name, help=f"unavailable: {exc}")
+            d.set_defaults(func=lambda a, exc=exc: sys.exit(f"diffkern demo: {exc}"))
+            continue
+        d = demos.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
+        mod.add_arguments(d)
+        d.set_defaults(func=cmd_demo, demo_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
