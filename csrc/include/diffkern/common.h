@@ -39,6 +39,12 @@ DK_HD float to_float(double x) { return static_cast<float>(x); }
 DK_HD float to_float(bf16_t x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
 
 DK_HD float to_float(f16_t x) {
+#if defined(__CUDA_ARCH__)
+  // Device: one exact cvt (same value as the host path below; NaN payloads may differ).
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+#else
   // IEEE binary16 -> binary32, exact (subnormals scaled through a float multiply).
   const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
   const uint32_t exponent = (x.bits >> 10) & 0x1fu;
@@ -49,6 +55,7 @@ DK_HD float to_float(f16_t x) {
   }
   if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
   return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
 }
 
 template <typename T> DK_HD T from_float(float x);
@@ -57,14 +64,29 @@ template <> DK_HD float from_float<float>(float x) { return x; }
 template <> DK_HD double from_float<double>(float x) { return static_cast<double>(x); }
 
 template <> DK_HD bf16_t from_float<bf16_t>(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // Device (sm_80+): cvt.rn (round to nearest even, NaN to NaN), as torch's CUDA float -> bfloat16;
+  // same value as the host path below.
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return bf16_t{h};
+#else
   // Round to nearest even, NaN stays a (quiet) NaN: matches torch's float -> bfloat16.
   uint32_t u = float_to_bits(x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>(0x7fc0u)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return bf16_t{static_cast<uint16_t>(u >> 16)};
+#endif
 }
 
 template <> DK_HD f16_t from_float<f16_t>(float x) {
+#if defined(__CUDA_ARCH__)
+  // Device: cvt.rn (round to nearest even, overflow to inf, subnormals kept, NaN to NaN), the
+  // instruction torch's CUDA float -> half uses; same value as the host path below.
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return f16_t{h};
+#else
   // Round to nearest even, overflow to inf, NaN to NaN: matches torch's float -> half.
   const uint32_t u = float_to_bits(x);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
@@ -80,6 +102,7 @@ template <> DK_HD f16_t from_float<f16_t>(float x) {
   }
   a += 0xc8000fffu + ((a >> 13) & 1u);  // rebias exponent (-112 << 23) and round half to even
   return f16_t{static_cast<uint16_t>(sign | (a >> 13))};
+#endif
 }
 
 }  // namespace diffkern
