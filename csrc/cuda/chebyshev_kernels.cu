@@ -25,8 +25,8 @@
 //           rows loop inside the N loop, so the q-blocks after the first re-read the same input
 //           lines while they are still in L1/L2); the K loop is unrolled by 2 so two 16-byte
 //           loads are in flight. __launch_bounds__(256, 3) caps ptxas at 80 registers so 3 blocks
-//           (24 warps) stay resident per SM; measured (nvcc 13.0, sm_80/sm_90): 79-80 for 16-bit
-//           inputs (32 accumulators), 47-64 for f32/f64 inputs, 43-48 for the scalar variant,
+//           (24 warps) stay resident per SM; measured (nvcc 13.0, sm_80/sm_90): 78-80 for 16-bit
+//           inputs (32 accumulators), 54-64 for f32/f64 inputs, 43-48 for the scalar variant,
 //           0 spills (tests/compile/test_nvcc.py asserts it).
 //
 // Instantiations: Tin x Tout in {f32, f16, bf16, f64}^2 x {vector, scalar} = 32 kernels.

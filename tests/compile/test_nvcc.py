@@ -8,8 +8,8 @@ c10 includes) so that this compile works without a CUDA torch.
 
 Register budgets (nvcc 13.0 measurements in csrc/cuda/chebyshev_kernels.cu's header comment):
 
-* ``cheb_combine_kernel`` vector variant (V > 1): 80. Measured 79-80 for 16-bit inputs (4 outputs
-  x 8 elements = 32 fp32 accumulators plus two 16-byte loads in flight) and 47-64 for f32/f64
+* ``cheb_combine_kernel`` vector variant (V > 1): 80. Measured 78-80 for 16-bit inputs (4 outputs
+  x 8 elements = 32 fp32 accumulators plus two 16-byte loads in flight) and 54-64 for f32/f64
   inputs. 80 is the largest count that keeps 3 blocks of 256 threads (24 warps) resident per SM
   (65536 / (3 * 256) = 85, allocated in units of 8). The kernel's __launch_bounds__(256, 3) makes
   ptxas hold that line, so the check that really guards it is "0 spills": if the code grows past
