@@ -64,7 +64,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "diffkern._C", sources, include_dirs=include_dirs,
             define_macros=[("DIFFKERN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
     else:
         ext = cpp_extension.CppExtension(
             "diffkern._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
