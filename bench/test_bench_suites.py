@@ -1,0 +1,24 @@
+"""pytest-benchmark view of the `diffkern bench` cases (quick shapes).
+
+    .venv/bin/python -m pytest bench/ --benchmark-enable --benchmark-json bench/results/quick.json
+
+The main job is `diffkern bench` (full shapes, one table); this suite exists so the same cases
+can be tracked with pytest-benchmark's comparison tools. Timings are never asserted.
+"""
+
+import pytest
+
+from diffkern.bench import SUITES, suite_cases
+
+
+def _impls():
+    for suite in SUITES:
+        for case in suite_cases(suite, quick=True):
+            for name, fn in {**case.impls, **case.extra}.items():
+                if not name.startswith("torch.compile"):
+                    yield pytest.param(fn, id=f"{case.op}|{case.label}|{name}")
+
+
+@pytest.mark.parametrize("fn", list(_impls()))
+def test_bench(benchmark, fn):
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
