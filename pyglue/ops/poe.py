@@ -357,8 +357,10 @@ def _triton_check(kind: str):
         except Exception as exc:  # pragma: no cover - depends on the install
             return [f"diffkern.kernels.poe failed to import ({exc})"]
         why = []
-        if args[0].dtype not in _FAST_DTYPES:
-            why.append(f"dtype {args[0].dtype} is not supported (float32, float16, bfloat16)")
+        tensors = args[0] if kind == "poe" else args[:1]
+        bad = [str(t.dtype) for t in tensors if t.dtype not in _FAST_DTYPES]
+        if bad:
+            why.append(f"dtype {bad[0]} is not supported (float32, float16, bfloat16)")
         if kind in ("draft", "verify"):
             top_p = args[2] if kind == "draft" else args[6]
             parity = kind == "verify" and args[9]
@@ -409,6 +411,7 @@ def _poe_cpu_check(logits, weights, temperature):
 _poe_op.register("cpu", check=_poe_cpu_check)(_poe_cpu)
 _draft_op.register("triton", check=_triton_check("draft"))(_draft_triton)
 _verify_op.register("triton", check=_triton_check("verify"))(_verify_triton)
+_poe_op.register("triton", check=_triton_check("poe"))(_poe_triton)
 
 
 # --------------------------------------------------------------------------------------------
