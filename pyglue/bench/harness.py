@@ -58,16 +58,20 @@ def _first_tensor(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def time_call(fn: Callable, *, min_repeats: int = 3, max_repeats: int = 15, budget_s: float = 3.0) -> float:
-    """Median seconds per call after one warm-up call (which also absorbs compilation)."""
-    fn()
+def time_call(fn: Callable, *, min_repeats: int = 3, max_repeats: int = 15, budget_s: float = 3.0):
+    """``(median seconds per call, output of the warm-up call)``. The warm-up also absorbs
+    compilation; calls slower than 5 s are timed twice rather than ``min_repeats`` times."""
+    t0 = time.perf_counter()
+    out = fn()
+    if time.perf_counter() - t0 > 5.0:
+        min_repeats = min(min_repeats, 2)
     times = []
     start = time.perf_counter()
     while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def stream_read_bandwidth(quick: bool) -> tuple[float, str]:
@@ -77,7 +81,7 @@ def stream_read_bandwidth(quick: bool) -> tuple[float, str]:
     probes = {"torch.sum": lambda: buf.sum()}
     if hasattr(torch.ops, "diffkern") and _has_probe():
         probes["diffkern.stream_read_probe"] = lambda: torch.ops.diffkern.stream_read_probe(buf)
-    results = {name: buf.numel() * 4 / time_call(fn, min_repeats=5) / 1e9 for name, fn in probes.items()}
+    results = {name: buf.numel() * 4 / time_call(fn, min_repeats=5)[0] / 1e9 for name, fn in probes.items()}
     best = max(results, key=results.get)
     return results[best], best
 
@@ -102,16 +106,20 @@ def run_case(case: Case, stream_gbps: float, skip_compiled: bool, progress=None)
     timings: dict[str, float] = {}
     errors: dict[str, Optional[float]] = {}
     notes: dict[str, str] = {}
-    baseline_out = case.impls[case.baseline]()
-    for name, fn in list(case.impls.items()) + list(case.extra.items()):
+    baseline_out = None
+    order = [case.baseline] + [n for n in case.impls if n != case.baseline]  # baseline first: its output is the yardstick
+    for name, fn in [(n, case.impls[n]) for n in order] + list(case.extra.items()):
         if progress is not None:
             progress.set_postfix_str(f"{case.op} {case.label} {name}"[:70])
         if skip_compiled and name.startswith(COMPILED_PREFIX):
             notes[name] = "skipped (--quick)"
             continue
         try:
-            timings[name] = time_call(fn)
-            errors[name] = None if name in case.extra else _max_rel_err(fn(), baseline_out)
+            timings[name], out = time_call(fn)
+            if name == case.baseline:
+                baseline_out = out
+            if name not in case.extra and baseline_out is not None:
+                errors[name] = _max_rel_err(out, baseline_out)
         except Exception as exc:  # report a failing implementation as a row, never hide it
             notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         if progress is not None:
