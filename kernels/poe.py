@@ -469,7 +469,7 @@ def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weigh
     nacc = torch.empty(BK, dtype=torch.int64, device=dev)
     term = torch.empty(BK, dtype=torch.float64, device=dev)
     bw = triton.next_power_of_2(W)
-    bbk = max(1, min(triton.next_power_of_2(BK), max(1, 4096 // bw)))
+    bbk = max(1, min(triton.next_power_of_2(BK), max(1, (4096 if _interpreted(a) else 1024) // bw)))
     _verify_scan_kernel[(triton.cdiv(BK, bbk),)](stats, u, nacc, term, BK, W, PARITY=bool(parity),
                                                 BLOCK_BK=bbk, BLOCK_W=bw, num_warps=1 if _interpreted(a) else 4)
 
