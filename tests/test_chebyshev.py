@@ -486,13 +486,7 @@ def test_near_singular_legal_call_is_finite(backend, lam):
     assert np.abs(_np(y) - Y_np).max() <= 1e-2 * max(1.0, np.abs(Y_np).max())
 
 
-@pytest.mark.parametrize("backend", [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="BUG: cpu backend raises RuntimeError (Cholesky pivot < 1e-13 rel.) on legal lam>0 "
-               "calls the reference answers; spec wants finite values or a ValueError")),
-])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_extremely_small_lam_is_finite_or_value_error(backend):
     _need(backend)
     times = torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64)
@@ -504,6 +498,17 @@ def test_extremely_small_lam_is_finite_or_value_error(backend):
             assert "times" in str(exc) or "lam" in str(exc)
             return
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_numerically_singular_system_is_a_value_error_on_every_backend(backend):
+    # lam=0, degree 7 on times 0..7 squeezed into a tiny corner of t_range: distinct times, but
+    # the normal equations are singular to fp64 precision (the reference used to return noise).
+    _need(backend)
+    times = torch.arange(8, dtype=torch.float64)
+    feats = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(2))
+    with diffkern.use_backend(backend), pytest.raises(ValueError, match="times: .*numerically singular"):
+        chebyshev_forecast(times, feats, torch.tensor([9.0]), degree=7, lam=0.0, t_range=(0.0, 1e4))
 
 
 # ---------------------------------------------------------------------------------------------

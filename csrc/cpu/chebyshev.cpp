@@ -60,7 +60,7 @@ at::Tensor cheb_weights(const at::Tensor& times, const c10::optional<at::Tensor>
         ? cheb::forecast_weights(t + s * K, K, t_query->data_ptr<double>() + s * rows, rows, pb, blend,
                                  w + s * rows * K)
         : cheb::ridge_operator(t + s * K, K, pb, w + s * rows * K);
-    TORCH_CHECK(ok, "times: the ridge normal equations of stream ", s, " are singular (lam=", lam,
+    TORCH_CHECK_VALUE(ok, "times: the ridge normal equations of stream ", s, " are singular (lam=", lam,
                 ", K=", K, ", degree=", degree, "); use lam > 0 or more distinct times");
   }
   return out;

@@ -102,7 +102,26 @@ def forecast_reference(times, feats, t_query, degree, lam, t_min, t_max, blend,
 # Value checks (run inside the ops, on every backend, before any math)
 # --------------------------------------------------------------------------------------------
 
-def _check_times(times: Tensor, degree: int, lam: float, blend: float) -> None:
+MAX_CONDITION = 1e14  # fp64 weights keep ~1e-2 relative accuracy up to here; beyond, every backend refuses
+
+
+def _check_conditioning(host_times: Tensor, degree: int, lam: float, t_min: float, t_max: float,
+                        penalize_intercept: bool) -> None:
+    """Refuse numerically singular ridge systems on every backend alike (the same calls)."""
+    X = chebyshev_basis(_tau(host_times, t_min, t_max), degree)
+    penalty = torch.ones(degree + 1, dtype=torch.float64)
+    if not penalize_intercept:
+        penalty[0] = 0.0
+    eig = torch.linalg.eigvalsh(X.transpose(-1, -2) @ X + lam * torch.diag(penalty))  # [S, P] ascending
+    worst = (eig[:, -1] / eig[:, 0].clamp_min(0.0)).max().item()
+    if not worst <= MAX_CONDITION:
+        raise ValueError(f"times: the ridge normal equations are numerically singular (condition number "
+                         f"{worst:.2g} > {MAX_CONDITION:.0g}; lam={lam}, degree={degree}, K={host_times.shape[1]}, "
+                         f"t_range=({t_min}, {t_max})); use a larger lam, a lower degree or more distinct times")
+
+
+def _check_times(times: Tensor, degree: int, lam: float, blend: float, t_min: float, t_max: float,
+                 penalize_intercept: bool) -> None:
     host = times.detach().to("cpu", torch.float64)
     if not torch.isfinite(host).all():
         raise ValueError("times: contains NaN or infinite values")
@@ -116,6 +135,7 @@ def _check_times(times: Tensor, degree: int, lam: float, blend: float) -> None:
             raise ValueError(f"times: lam=0 needs at least degree+1={degree + 1} distinct times per "
                              f"stream for a non-singular system, got K={host.shape[1]}; lower degree "
                              "or use lam > 0")
+    _check_conditioning(host, degree, lam, t_min, t_max, penalize_intercept)
     if blend != 1.0 and bool((host[:, -1] == host[:, -2]).any()):
         raise ValueError("times: the last two times of a stream coincide, so the Taylor term of "
                          "blend < 1 (slope over the last two snapshots) is undefined")
@@ -199,7 +219,7 @@ for _backend in ("cpu", "cuda"):
 @torch.library.custom_op("diffkern::chebyshev_fit", mutates_args=())
 def _chebyshev_fit(times: Tensor, feats: Tensor, degree: int, lam: float, t_min: float,
                    t_max: float, penalize_intercept: bool) -> Tensor:
-    _check_times(times, degree, lam, 1.0)
+    _check_times(times, degree, lam, 1.0, t_min, t_max, penalize_intercept)
     return _fit_op(times, feats, degree, lam, t_min, t_max, penalize_intercept)
 
 
@@ -225,7 +245,7 @@ def _(coeffs, t_query, t_min, t_max, out_dtype):
 def _chebyshev_forecast(times: Tensor, feats: Tensor, t_query: Tensor, degree: int, lam: float,
                         t_min: float, t_max: float, blend: float, penalize_intercept: bool,
                         out_dtype: torch.dtype) -> Tensor:
-    _check_times(times, degree, lam, blend)
+    _check_times(times, degree, lam, blend, t_min, t_max, penalize_intercept)
     _check_query(t_query)
     return _forecast_op(times, feats, t_query, degree, lam, t_min, t_max, blend,
                         penalize_intercept, out_dtype)

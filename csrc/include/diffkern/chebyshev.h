@@ -42,14 +42,15 @@ inline void basis(double tau, int degree, double* out) {
 }
 
 // In-place Cholesky of the P x P row-major G into its lower factor; false if not positive
-// definite (a pivot below a relative 1e-13 of the largest diagonal entry).
+// definite (a pivot below 1e-16 of the largest diagonal entry). The Python op refuses
+// systems with condition number > 1e14 first, on every backend alike; this is a safety net.
 inline bool cholesky(double* G, int P) {
   double scale = 0.0;
   for (int i = 0; i < P; ++i) scale = std::fmax(scale, std::fabs(G[i * P + i]));
   for (int j = 0; j < P; ++j) {
     double d = G[j * P + j];
     for (int k = 0; k < j; ++k) d -= G[j * P + k] * G[j * P + k];
-    if (!(d > 1e-13 * scale)) return false;
+    if (!(d > 1e-16 * scale)) return false;
     d = std::sqrt(d);
     G[j * P + j] = d;
     for (int i = j + 1; i < P; ++i) {
