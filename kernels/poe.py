@@ -195,11 +195,12 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
     cd = w
     ca = 1.0 - w
     cols0 = tl.arange(0, BLOCK_V)
+    v_end = tl.max(tl.where(live, V, 0), axis=0)   # 0 when no row of the tile was rejected: no loop
 
     # pass 1: totals of (p - q)_+ and of p, float64 in token-id chunk order
     tot_r = tl.zeros([BLOCK_R], tl.float64)
     tot_p = tl.zeros([BLOCK_R], tl.float64)
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
         m2 = live[:, None] & (cols < V)[None, :]
         x = _clean(tl.load(dlm_ptr + base_d[:, None] + cols[None, :], mask=m2, other=float("-inf")))
@@ -216,7 +217,7 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
     cum = tl.zeros([BLOCK_R], tl.float64)
     ytok = tl.full([BLOCK_R], -1, tl.int32)
     last = tl.full([BLOCK_R], -1, tl.int32)
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
         m2 = live[:, None] & (cols < V)[None, :]
         x = _clean(tl.load(dlm_ptr + base_d[:, None] + cols[None, :], mask=m2, other=float("-inf")))
