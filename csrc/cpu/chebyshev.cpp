@@ -84,7 +84,7 @@ at::Tensor cheb_basis(const at::Tensor& t_query, int64_t degree, double t_min, d
 constexpr int64_t kChunk = 16384;  // elements of N per parallel task
 constexpr int64_t kTile = 64;      // elements whose accumulators live in registers
 constexpr int kQBlock = 4;         // outputs produced per read of the inputs
-constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of the tile each input row is prefetched
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of the tile each input row is prefetched
 
 template <typename Tin, typename Tout>
 struct CombineArgs {
@@ -97,7 +97,7 @@ struct CombineArgs {
 // One tile of kTile elements for a block of QN outputs. All K input rows are read in
 // lockstep, so each row is one sequential stream the hardware prefetcher follows (a
 // row-at-a-time order restarts it at every page), and the QN x 4 accumulators stay in registers.
-template <int QN, typename Tin, typename Tout>
+template <int QN, bool Streaming, typename Tin, typename Tout>
 inline __attribute__((always_inline)) void combine_full_tile(const CombineArgs<Tin, Tout>& a, int64_t s,
                                                              int64_t q0, int64_t n) {
   using cpu::v16f;
@@ -120,7 +120,10 @@ inline __attribute__((always_inline)) void combine_full_tile(const CombineArgs<T
   }
   for (int q = 0; q < QN; ++q) {
     Tout* y = a.out + (s * a.Q + q0 + q) * a.N + n;
-    for (int v = 0; v < kVecs; ++v) cpu::store16(y + 16 * v, acc[q][v]);
+    for (int v = 0; v < kVecs; ++v) {
+      if constexpr (Streaming) cpu::stream16(y + 16 * v, acc[q][v]);
+      else cpu::store16(y + 16 * v, acc[q][v]);
+    }
   }
 }
 
@@ -139,7 +142,13 @@ inline __attribute__((always_inline)) void combine_tail(const CombineArgs<Tin, T
   }
 }
 
+// Non-temporal stores need 64-byte aligned output tiles (the tile start of each output row).
 template <typename Tin, typename Tout>
+inline __attribute__((always_inline)) bool stream_ok(const CombineArgs<Tin, Tout>& a, int64_t s, int64_t q0, int64_t n) {
+  return reinterpret_cast<uintptr_t>(a.out + (s * a.Q + q0) * a.N + n) % 64 == 0 && (a.N * sizeof(Tout)) % 64 == 0;
+}
+
+template <bool Streaming, typename Tin, typename Tout>
 inline __attribute__((always_inline)) void combine_tasks_impl(const CombineArgs<Tin, Tout>& a,
                                                               int64_t begin, int64_t end) {
   for (int64_t task = begin; task < end; ++task) {
@@ -154,18 +163,39 @@ inline __attribute__((always_inline)) void combine_tasks_impl(const CombineArgs<
           continue;
         }
         switch (qn) {  // register blocking needs the block size at compile time
-          case 1: combine_full_tile<1>(a, s, q0, n); break;
-          case 2: combine_full_tile<2>(a, s, q0, n); break;
-          case 3: combine_full_tile<3>(a, s, q0, n); break;
-          default: combine_full_tile<4>(a, s, q0, n); break;
+          case 1: (stream_ok(a, s, q0, n) ? combine_full_tile<1, Streaming>(a, s, q0, n) : combine_full_tile<1, false>(a, s, q0, n)); break;
+          case 2: (stream_ok(a, s, q0, n) ? combine_full_tile<2, Streaming>(a, s, q0, n) : combine_full_tile<2, false>(a, s, q0, n)); break;
+          case 3: (stream_ok(a, s, q0, n) ? combine_full_tile<3, Streaming>(a, s, q0, n) : combine_full_tile<3, false>(a, s, q0, n)); break;
+          default: (stream_ok(a, s, q0, n) ? combine_full_tile<4, Streaming>(a, s, q0, n) : combine_full_tile<4, false>(a, s, q0, n)); break;
         }
       }
     }
   }
 }
 
-DK_ISA_CLONES(template <typename Tin DK_COMMA typename Tout>, combine_tasks,
-              (const CombineArgs<Tin, Tout>& a, int64_t begin, int64_t end), <Tin DK_COMMA Tout>, (a, begin, end))
+// Clones per ISA (see simd_dispatch.h). Only the AVX-512 clone streams its output past the
+// caches (non-temporal stores): a fresh output line is otherwise read before it is written.
+template <typename Tin, typename Tout>
+DK_TARGET_AVX512 void combine_tasks_avx512(const CombineArgs<Tin, Tout>& a, int64_t begin, int64_t end) {
+  combine_tasks_impl<cpu::kCanStream<Tout>>(a, begin, end);
+  if constexpr (cpu::kCanStream<Tout>) cpu::stream_fence();
+}
+template <typename Tin, typename Tout>
+DK_TARGET_AVX2 void combine_tasks_avx2(const CombineArgs<Tin, Tout>& a, int64_t begin, int64_t end) {
+  combine_tasks_impl<false>(a, begin, end);
+}
+template <typename Tin, typename Tout>
+void combine_tasks_default(const CombineArgs<Tin, Tout>& a, int64_t begin, int64_t end) {
+  combine_tasks_impl<false>(a, begin, end);
+}
+template <typename Tin, typename Tout>
+void combine_tasks(const CombineArgs<Tin, Tout>& a, int64_t begin, int64_t end) {
+  switch (cpu::runtime_isa()) {
+    case cpu::Isa::kAvx512: return combine_tasks_avx512(a, begin, end);
+    case cpu::Isa::kAvx2: return combine_tasks_avx2(a, begin, end);
+    default: return combine_tasks_default(a, begin, end);
+  }
+}
 
 template <typename T> struct Storage { using type = T; };
 template <> struct Storage<at::BFloat16> { using type = bf16_t; };
