@@ -69,6 +69,20 @@ def _weighted(w, x):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _inverse_cdf_block(v, cols, cum, target, tok, last):
+    """One vocabulary block of inverse-CDF sampling in token-id order over the (unnormalised,
+    fp64) masses ``v`` [R, BLOCK]: the first column whose running sum passes ``target`` becomes
+    ``tok`` (if none was found yet); ``last`` tracks the last column with mass (the fallback when
+    rounding leaves ``target`` beyond the total). Returns the updated (tok, last, cum)."""
+    cs = cum[:, None] + tl.cumsum(v, axis=1)
+    hit = (cs > target[:, None]) & (v > 0.0)
+    first = tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1)
+    tok = tl.where((tok < 0) & (first < 2147483647), first, tok)
+    last = tl.maximum(last, tl.max(tl.where(v > 0.0, cols[None, :], -1), axis=1))
+    return tok, last, cum + tl.sum(v, axis=1)
+
+
+@triton.jit
 def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags_ptr,
                         R, K, W, V, dB, dK, dW, aB, aK, aW, w, inv_t_star,
                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -227,12 +241,7 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
         r = tl.maximum(p - q, 0.0)
         v = tl.where(use_p[:, None], p, r)
         v = tl.where(m2, v, 0.0).to(tl.float64)
-        cs = cum[:, None] + tl.cumsum(v, axis=1)
-        hit = (cs > target[:, None]) & (v > 0.0)
-        first = tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1)
-        ytok = tl.where((ytok < 0) & (first < 2147483647), first, ytok)
-        last = tl.maximum(last, tl.max(tl.where(v > 0.0, cols[None, :], -1), axis=1))
-        cum += tl.sum(v, axis=1)
+        ytok, last, cum = _inverse_cdf_block(v, cols, cum, target, ytok, last)
     ytok = tl.where(ytok < 0, tl.maximum(last, 0), ytok)
 
     lx = _clean(tl.load(dlm_ptr + base_d + ytok, mask=live, other=0.0))
@@ -291,12 +300,7 @@ def _draft_kernel(logits_ptr, temps_ptr, u_ptr, tok_ptr, logq_ptr, flags_ptr,
         x = _clean(tl.load(logits_ptr + base[:, None] + cols[None, :], mask=m2, other=float("-inf")))
         e = tl.exp(x * inv_t[:, None] - ms[:, None])
         e = tl.where(m2, e, 0.0).to(tl.float64)
-        cs = cum[:, None] + tl.cumsum(e, axis=1)
-        hit = (cs > target[:, None]) & (e > 0.0)
-        first = tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1)
-        xtok = tl.where((xtok < 0) & (first < 2147483647), first, xtok)
-        last = tl.maximum(last, tl.max(tl.where(e > 0.0, cols[None, :], -1), axis=1))
-        cum += tl.sum(e, axis=1)
+        xtok, last, cum = _inverse_cdf_block(e, cols, cum, target, xtok, last)
     xtok = tl.where(xtok < 0, tl.maximum(last, 0), xtok)
     lx = _clean(tl.load(logits_ptr + base + xtok, mask=rmask, other=0.0))
     log_q = lx * inv_t - (m + tl.log(s))
