@@ -184,6 +184,18 @@ def _verify_scan_kernel(stats_ptr, u_ptr, nacc_ptr, term_ptr, BK, W,
 
 
 @triton.jit
+def _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, lse_d, lse_p, cd, ca):
+    """One vocabulary block of the PoE target p and the residual (p - q)_+ (both normalised
+    through the row statistics of the first pass), and the block's validity mask."""
+    m2 = live[:, None] & (cols < V)[None, :]
+    x = _clean(tl.load(dlm_ptr + base_d[:, None] + cols[None, :], mask=m2, other=float("-inf")))
+    y = _clean(tl.load(ar_ptr + base_a[:, None] + cols[None, :], mask=m2, other=float("-inf")))
+    q = tl.exp(x * inv_t[:, None] - lse_d[:, None])
+    p = tl.exp((_weighted(cd, x) + _weighted(ca, y)) * inv_t[:, None] - lse_p[:, None])
+    return p, tl.maximum(p - q, 0.0), m2
+
+
+@triton.jit
 def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_ptr, tok_ptr, extra_ptr,
                             BK, K, W, V, dB, dK, dW, aB, aK, aW, w, inv_t_star,
                             PARITY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -216,12 +228,7 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
     tot_p = tl.zeros([BLOCK_R], tl.float64)
     for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
-        m2 = live[:, None] & (cols < V)[None, :]
-        x = _clean(tl.load(dlm_ptr + base_d[:, None] + cols[None, :], mask=m2, other=float("-inf")))
-        y = _clean(tl.load(ar_ptr + base_a[:, None] + cols[None, :], mask=m2, other=float("-inf")))
-        q = tl.exp(x * inv_t[:, None] - lse_d[:, None])
-        p = tl.exp((_weighted(cd, x) + _weighted(ca, y)) * inv_t[:, None] - lse_p[:, None])
-        r = tl.maximum(p - q, 0.0)
+        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, lse_d, lse_p, cd, ca)
         tot_r += tl.sum(r.to(tl.float64), axis=1)
         tot_p += tl.sum(p.to(tl.float64), axis=1)
     use_p = ~(tot_r > 0.0)
@@ -233,12 +240,7 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
     last = tl.full([BLOCK_R], -1, tl.int32)
     for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
-        m2 = live[:, None] & (cols < V)[None, :]
-        x = _clean(tl.load(dlm_ptr + base_d[:, None] + cols[None, :], mask=m2, other=float("-inf")))
-        y = _clean(tl.load(ar_ptr + base_a[:, None] + cols[None, :], mask=m2, other=float("-inf")))
-        q = tl.exp(x * inv_t[:, None] - lse_d[:, None])
-        p = tl.exp((_weighted(cd, x) + _weighted(ca, y)) * inv_t[:, None] - lse_p[:, None])
-        r = tl.maximum(p - q, 0.0)
+        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, lse_d, lse_p, cd, ca)
         v = tl.where(use_p[:, None], p, r)
         v = tl.where(m2, v, 0.0).to(tl.float64)
         ytok, last, cum = _inverse_cdf_block(v, cols, cum, target, ytok, last)
