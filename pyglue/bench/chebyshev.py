@@ -26,25 +26,23 @@ DEGREE, LAM, T_RANGE = 4, 0.1, (0.0, 50.0)
 SPECTRUM_STEPS_A075 = [0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 25, 31, 38, 46]
 
 
-def official_style_forecast(snapshots: list[torch.Tensor], times: list[float], t_query: float) -> torch.Tensor:
-    """One stream, the official way: [K, N] stack -> fp32 -> Cholesky -> bf16 coeffs -> bf16 eval."""
-    H = torch.stack(snapshots, dim=0).float()                                   # copy + upcast
-    t = torch.tensor(times, dtype=torch.float32)
-    X = cheb.chebyshev_basis(2 * (t - T_RANGE[0]) / (T_RANGE[1] - T_RANGE[0]) - 1, DEGREE)
-    G = X.T @ X + LAM * torch.eye(DEGREE + 1)
-    L = torch.linalg.cholesky(G)
-    C = torch.cholesky_solve(X.T @ H, L).to(torch.bfloat16)                     # [P, N] bf16
-    tq = torch.tensor([t_query], dtype=torch.float32)
-    x_star = cheb.chebyshev_basis(2 * (tq - T_RANGE[0]) / (T_RANGE[1] - T_RANGE[0]) - 1, DEGREE)
-    return (x_star.to(torch.bfloat16) @ C).to(snapshots[0].dtype)               # [1, N]
+def _official_basis(t: torch.Tensor) -> torch.Tensor:
+    return cheb.chebyshev_basis(2 * (t - T_RANGE[0]) / (T_RANGE[1] - T_RANGE[0]) - 1, DEGREE)
 
 
 def official_style_fit(snapshots: list[torch.Tensor], times: list[float]) -> torch.Tensor:
-    H = torch.stack(snapshots, dim=0).float()
-    t = torch.tensor(times, dtype=torch.float32)
-    X = cheb.chebyshev_basis(2 * (t - T_RANGE[0]) / (T_RANGE[1] - T_RANGE[0]) - 1, DEGREE)
+    """One stream, the official way: [K, N] stack -> fp32 copy -> Cholesky solve -> fp32 [P, N]."""
+    H = torch.stack(snapshots, dim=0).float()                                   # copy + upcast
+    X = _official_basis(torch.tensor(times, dtype=torch.float32))
     L = torch.linalg.cholesky(X.T @ X + LAM * torch.eye(DEGREE + 1))
     return torch.cholesky_solve(X.T @ H, L)
+
+
+def official_style_forecast(snapshots: list[torch.Tensor], times: list[float], t_query: float) -> torch.Tensor:
+    """The official forecast: refit, keep bf16 coefficients, evaluate in bf16 -> [1, N]."""
+    C = official_style_fit(snapshots, times).to(torch.bfloat16)
+    x_star = _official_basis(torch.tensor([t_query], dtype=torch.float32)).to(torch.bfloat16)
+    return (x_star @ C).to(snapshots[0].dtype)
 
 
 def _via(backend: str, fn, *args, **kwargs):

@@ -57,14 +57,20 @@ def _tau(t: Tensor, t_min: float, t_max: float) -> Tensor:
     return 2.0 * (t.to(torch.float64) - t_min) / (t_max - t_min) - 1.0
 
 
-def _ridge_operator(times: Tensor, degree: int, lam: float, t_min: float, t_max: float,
-                    penalize_intercept: bool) -> Tensor:
-    """``(X^T X + lam D)^-1 X^T`` per stream, [S, P, K] in float64."""
-    X = chebyshev_basis(_tau(times, t_min, t_max), degree)              # [S, K, P]
+def _normal_equations(times: Tensor, degree: int, lam: float, t_min: float, t_max: float,
+                      penalize_intercept: bool) -> tuple[Tensor, Tensor]:
+    """The basis X [S, K, P] at the fit times and G = X^T X + lam D [S, P, P], in float64."""
+    X = chebyshev_basis(_tau(times, t_min, t_max), degree)
     penalty = torch.ones(degree + 1, dtype=torch.float64, device=X.device)
     if not penalize_intercept:
         penalty[0] = 0.0
-    G = X.transpose(-1, -2) @ X + lam * torch.diag(penalty)             # [S, P, P]
+    return X, X.transpose(-1, -2) @ X + lam * torch.diag(penalty)
+
+
+def _ridge_operator(times: Tensor, degree: int, lam: float, t_min: float, t_max: float,
+                    penalize_intercept: bool) -> Tensor:
+    """``(X^T X + lam D)^-1 X^T`` per stream, [S, P, K] in float64."""
+    X, G = _normal_equations(times, degree, lam, t_min, t_max, penalize_intercept)
     return torch.linalg.solve(G, X.transpose(-1, -2))
 
 
@@ -108,11 +114,8 @@ MAX_CONDITION = 1e14  # fp64 weights keep ~1e-2 relative accuracy up to here; be
 def _check_conditioning(host_times: Tensor, degree: int, lam: float, t_min: float, t_max: float,
                         penalize_intercept: bool) -> None:
     """Refuse numerically singular ridge systems on every backend alike (the same calls)."""
-    X = chebyshev_basis(_tau(host_times, t_min, t_max), degree)
-    penalty = torch.ones(degree + 1, dtype=torch.float64)
-    if not penalize_intercept:
-        penalty[0] = 0.0
-    eig = torch.linalg.eigvalsh(X.transpose(-1, -2) @ X + lam * torch.diag(penalty))  # [S, P] ascending
+    _, G = _normal_equations(host_times, degree, lam, t_min, t_max, penalize_intercept)
+    eig = torch.linalg.eigvalsh(G)  # [S, P] ascending
     worst = (eig[:, -1] / eig[:, 0].clamp_min(0.0)).max().item()
     if not worst <= MAX_CONDITION:
         raise ValueError(f"times: the ridge normal equations are numerically singular (condition number "
