@@ -8,19 +8,29 @@ interpreter's cost is per program-iteration, not per element):
 * ``_verify_rows_kernel``  one streaming pass per (b, k, j) row over l_D (stride-0 in K allowed: the
   shared ``[B, W, V]`` DLM logits are read through their strides, never copied) and l_AR: online
   (max, sum-exp) of l_D/T, the PoE logits (w l_D + (1-w) l_AR)/T (``0 * (-inf) = 0``) and l_AR/T*,
-  gathers at the drafted token, NaN / +inf counters.
+  gathers at the drafted token, NaN / +inf counters. NUCLEUS (top_p < 1, not parity): then the
+  nucleus select on l_D (below) for log q(x), and the row's nucleus descriptor (threshold key, last
+  kept tie, max l_D, nucleus mass) for the residual kernel.
 * ``_verify_scan_kernel``   per (b, k): acceptance ``log u_j < log p(x_j) - log q(x_j)`` over the
   window, first rejected index, importance (or parity "energy") term of the accepted prefix.
 * ``_verify_residual_kernel`` per (b, k), only rows with a rejection do any loads: inverse CDF in
   token-id order (float64 accumulation) of ``(p - q)_+`` (``p`` when that is zero) with the
-  residual uniform, and the emitted token's log-weight term.
-* ``_draft_kernel``         per (b, k, j): top_p = 1 proposal ``softmax(l_D / T)``, inverse CDF in
-  token-id order (float64 accumulation) with the given uniform.
+  residual uniform, and the emitted token's log-weight term; NUCLEUS: q from the descriptor.
+* ``_draft_kernel``         per (b, k, j): proposal ``softmax(l_D / T)`` (NUCLEUS: its top-p nucleus,
+  selected below), inverse CDF in token-id order (float64 accumulation) with the given uniform.
 * ``_combine_kernel``       product_of_experts: log_softmax(sum_e w_e l_e / T), up to 4 experts per
   launch (more are folded in groups through a float32 partial sum), -inf masking rule.
 
-The nucleus (top_p < 1) proposal is not implemented here: ``diffkern.ops.poe``'s triton ``check``
-reports it, and dispatch explains it when the backend is forced.
+Top-p nucleus (``_nucleus``, the cpu's ``build_proposal`` without its scatter histograms): the
+masses are ``e = exp((l - max l) / T)`` (float32, one expression everywhere so draft, verify and
+residual agree bitwise), sums in float64. The threshold token is found by a radix select on the
+monotone uint32 key of the raw logit (the order of l/T is that of l): 8 passes over the row, each
+a weighted histogram of the next 4-bit digit among the tokens matching the prefix so far (tl.histogram
+takes no weights: a one-hot ``[BLOCK_R, BLOCK_S, 16]`` compare + sum), scanning digits from the top
+for where the mass-at-or-above reaches ``top_p * Z`` (Z from pass 1's histogram). Equal logits
+share a key: of the ties at the threshold key, ``ceil((top_p Z - mass above) / e_t)`` are kept,
+the lowest ids, which a last pass (only when a tie is actually cut) turns into a token-id cut. The
+nucleus is then ``key > tkey or (key == tkey and id <= cut)``: no sort, no per-token state.
 """
 
 from __future__ import annotations
@@ -65,6 +75,137 @@ def _weighted(w, x):
 
 
 # ---------------------------------------------------------------------------------------------
+# Top-p nucleus: radix select of the threshold token on the logit's float key (no sort)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _float_key(x):
+    """Monotone uint32 key of a float32 (a < b <=> key(a) < key(b); poe.h's float_key): the order
+    of l equals the order of l / T for T > 0, so the select runs on the raw logits."""
+    b = x.to(tl.uint32, bitcast=True)
+    return tl.where((b & 0x80000000) != 0, ~b, b | 0x80000000)
+
+
+@triton.jit
+def _key_to_float(k):
+    """Inverse of _float_key."""
+    b = tl.where((k & 0x80000000) != 0, k & 0x7FFFFFFF, ~k)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nucleus_mass(x, m, inv_t):
+    """exp((l - max l) / T): the unnormalised tempered probability the nucleus is cut on. One
+    expression everywhere (select, draft, verify, residual), so every pass sees bitwise the same
+    masses, and tokens with equal logits equal masses."""
+    return tl.exp((x - m) * inv_t)
+
+
+@triton.jit
+def _load_row_block(row_ptr, cols, live, V):
+    """[R, C] float32 logits (NaN -> -inf, -inf beyond V) of the rows at ``row_ptr`` [R]."""
+    m2 = live[:, None] & (cols < V)[None, :]
+    return _clean(tl.load(row_ptr[:, None] + cols[None, :], mask=m2, other=float("-inf"))), m2
+
+
+@triton.jit
+def _digit_mass(row_ptr, live, V, m, inv_t, prefix, shift,
+                BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """[R, 16] float64 mass of the tokens whose key has ``prefix`` above bit ``shift + 4``, by
+    the 4-bit digit at ``shift``. tl.histogram takes no weights: the one-hot [R, C, 16] compare
+    and reduction is the weighted histogram."""
+    digits = tl.arange(0, 16)
+    h = tl.zeros([BLOCK_R, 16], tl.float64)
+    for start in range(0, V, BLOCK_S):
+        x, m2 = _load_row_block(row_ptr, start + tl.arange(0, BLOCK_S), live, V)
+        top = _float_key(x) >> shift
+        e = _nucleus_mass(x, m[:, None], inv_t[:, None])
+        e = tl.where((top >> 4) == prefix[:, None], e, 0.0).to(tl.float64)   # float64: the cpu's sums
+        onehot = (top & 15)[:, :, None] == digits[None, None, :]
+        h += tl.sum(tl.where(onehot, e[:, :, None], 0.0), axis=1)
+    return h
+
+
+@triton.jit
+def _pick_digit(h, above, target):
+    """The cpu's crossing_bucket on one level: scanning the digits from the top, the first with
+    mass whose mass-at-or-above (plus ``above``, the mass of higher prefixes) reaches ``target``;
+    if rounding leaves ``target`` beyond the total, the lowest digit with mass.
+    Returns (digit, the new mass strictly above it, its mass)."""
+    digits = tl.arange(0, 16)[None, :]
+    at_or_above = above[:, None] + tl.cumsum(h, axis=1, reverse=True)
+    full = h > 0.0
+    d = tl.max(tl.where(full & (at_or_above >= target[:, None]), digits, -1), axis=1)
+    d = tl.where(d >= 0, d, tl.min(tl.where(full, digits, 15), axis=1))
+    sel = digits == d[:, None]
+    h_d = tl.sum(tl.where(sel, h, 0.0), axis=1)
+    return d, tl.sum(tl.where(sel, at_or_above, 0.0), axis=1) - h_d, h_d
+
+
+@triton.jit
+def _tie_cut(row_ptr, live, V, tkey, keep, ties, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Largest token id kept among the ties at the threshold key: the ``keep``-th one in id order
+    (ties go to the lower ids), INT_MAX when all are kept. Reads a row only when a tie is really
+    cut (several exactly equal logits at the threshold), so it costs nothing otherwise."""
+    cut = tl.full([BLOCK_R], 2147483647, tl.int32)
+    partial = live & (keep < ties)
+    seen = tl.zeros([BLOCK_R], tl.int32)
+    for start in range(0, tl.max(tl.where(partial, V, 0), axis=0), BLOCK_S):
+        cols = start + tl.arange(0, BLOCK_S)
+        x, m2 = _load_row_block(row_ptr, cols, partial, V)
+        tie = ((_float_key(x) == tkey[:, None]) & m2).to(tl.int32)
+        rank = seen[:, None] + tl.cumsum(tie, axis=1)
+        hit = (tie > 0) & (rank == keep[:, None])
+        cut = tl.minimum(cut, tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1))
+        seen += tl.sum(tie, axis=1)
+    return cut
+
+
+@triton.jit
+def _nucleus(row_ptr, live, V, m, inv_t, top_p, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Top-p nucleus of softmax(l / T) for the rows at ``row_ptr`` (``m`` = max l, finite):
+    the tokens of key > ``tkey``, and those of key == ``tkey`` with id <= ``cut``.
+    Radix select from the top, 4 bits per pass (8 passes), of the key of the threshold token
+    (the one whose mass-at-or-above first reaches top_p * Z), then the number of its ties kept:
+    ceil((top_p Z - mass above) / e_t), at least 1 (the cpu's build_proposal, digit by digit).
+    Masses are float32, their sums float64. Returns (tkey, cut, nucleus mass, float64)."""
+    prefix = tl.zeros([BLOCK_R], tl.uint32)
+    above = tl.zeros([BLOCK_R], tl.float64)
+    target = tl.zeros([BLOCK_R], tl.float64)
+    h_t = tl.zeros([BLOCK_R], tl.float64)
+    for level in range(8):
+        h = _digit_mass(row_ptr, live, V, m, inv_t, prefix, 28 - 4 * level, BLOCK_R, BLOCK_S)
+        target = tl.where(level == 0, top_p * tl.sum(h, axis=1), target)   # level 0 sees every token
+        d, above, h_t = _pick_digit(h, above, target)
+        prefix = (prefix << 4) | d.to(tl.uint32)
+    e_t = _nucleus_mass(_key_to_float(prefix), m, inv_t).to(tl.float64)
+    e_t = tl.where(live & (e_t > 0.0), e_t, 1.0)
+    ties = (h_t / e_t + 0.5).to(tl.int32)          # h_t sums `ties` copies of e_t: exact in float64
+    need = tl.maximum(tl.ceil((target - above) / e_t), 1.0).to(tl.int32)
+    keep = tl.minimum(need, ties)
+    cut = _tie_cut(row_ptr, live, V, prefix, keep, ties, BLOCK_R, BLOCK_S)
+    return prefix, cut, above + keep.to(tl.float64) * e_t
+
+
+@triton.jit
+def _in_nucleus(x, col, tkey, cut):
+    key = _float_key(x)
+    return (key > tkey) | ((key == tkey) & (col <= cut))
+
+
+@triton.jit
+def _proposal(x, cols, inv_t, offset, scale, tkey, cut, NUCLEUS: tl.constexpr):
+    """One [R, C] block of the proposal q up to normalisation, per-row arguments [R]: top_p = 1:
+    exp(l / T - offset); NUCLEUS: the nucleus masses exp((l - offset) / T) * scale (offset = max l),
+    0 outside the nucleus (tkey, cut from _nucleus)."""
+    if NUCLEUS:
+        e = _nucleus_mass(x, offset[:, None], inv_t[:, None]) * scale[:, None]
+        return tl.where(_in_nucleus(x, cols[None, :], tkey[:, None], cut[:, None]), e, 0.0)
+    else:
+        return tl.exp(x * inv_t[:, None] - offset[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
 # poe_verify
 # ---------------------------------------------------------------------------------------------
 
@@ -83,9 +224,10 @@ def _inverse_cdf_block(v, cols, cum, target, tok, last):
 
 
 @triton.jit
-def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags_ptr,
-                        R, K, W, V, dB, dK, dW, aB, aK, aW, w, inv_t_star,
-                        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags_ptr, nkey_ptr, nval_ptr,
+                        R, K, W, V, dB, dK, dW, aB, aK, aW, w, inv_t_star, top_p: tl.float64,
+                        NUCLEUS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -107,6 +249,7 @@ def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags
     s_d = tl.zeros([BLOCK_R], tl.float32)
     s_p = tl.zeros([BLOCK_R], tl.float32)
     s_a = tl.zeros([BLOCK_R], tl.float32)
+    m_raw = tl.full([BLOCK_R], float("-inf"), tl.float32)   # max l_D (the nucleus masses' reference)
     nan_d = tl.zeros([BLOCK_R], tl.int32)
     nan_a = tl.zeros([BLOCK_R], tl.int32)
     inf_d = tl.zeros([BLOCK_R], tl.int32)
@@ -127,6 +270,8 @@ def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags
         m_d, s_d = _online(m_d, s_d, x * inv_t[:, None])
         m_p, s_p = _online(m_p, s_p, pl * inv_t[:, None])
         m_a, s_a = _online(m_a, s_a, y * inv_ts[:, None])
+        if NUCLEUS:
+            m_raw = tl.maximum(m_raw, tl.max(x, axis=1))
     lse_d = m_d + tl.log(s_d)
     lse_p = m_p + tl.log(s_p)
     lse_a = m_a + tl.log(s_a)
@@ -135,13 +280,9 @@ def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags
     lx = _clean(tl.load(dlm_ptr + base_d + xtok, mask=rmask, other=0.0))
     ly = _clean(tl.load(ar_ptr + base_a + xtok, mask=rmask, other=0.0))
     plx = _weighted(cd, lx) + _weighted(ca, ly)
-    log_q = tl.where(lx > float("-inf"), lx * inv_t - lse_d, float("-inf"))
-    log_p = plx * inv_t - lse_p
-    log_a = ly * inv_ts - lse_a
     so = stats_ptr + rows_c * 8
-    tl.store(so + 0, log_q, mask=rmask)
-    tl.store(so + 1, log_p, mask=rmask)
-    tl.store(so + 2, log_a, mask=rmask)
+    tl.store(so + 1, plx * inv_t - lse_p, mask=rmask)     # log p(x)
+    tl.store(so + 2, ly * inv_ts - lse_a, mask=rmask)     # log a(x)
     tl.store(so + 3, lx, mask=rmask)
     tl.store(so + 4, ly, mask=rmask)
     tl.store(so + 5, lse_d, mask=rmask)
@@ -152,6 +293,23 @@ def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags
     tl.store(fo + 1, inf_d, mask=rmask)
     tl.store(fo + 2, nan_a, mask=rmask)
     tl.store(fo + 3, inf_a, mask=rmask)
+    # log q(x) last: the nucleus select's passes run with little else live
+    if NUCLEUS:   # q = the nucleus draft drew from; its descriptor is kept for the residual pass
+        # masked by m_raw rather than rmask: a predicate kept across the select's loops spills
+        # on sm_80; an entirely -inf row (no store) is an error the caller reports
+        live = m_raw > float("-inf")
+        m_raw = tl.where(live, m_raw, 0.0)
+        tkey, cut, mass = _nucleus(dlm_ptr + base_d, live, V, m_raw, inv_t, top_p, BLOCK_R, BLOCK_S)
+        log_q = tl.where(_in_nucleus(lx, xtok, tkey, cut),
+                         ((lx - m_raw) * inv_t).to(tl.float64) - tl.log(mass), float("-inf"))
+        tl.store(nkey_ptr + rows_c * 2 + 0, tkey.to(tl.int64), mask=live)
+        tl.store(nkey_ptr + rows_c * 2 + 1, cut.to(tl.int64), mask=live)
+        tl.store(nval_ptr + rows_c * 2 + 0, m_raw.to(tl.float64), mask=live)
+        tl.store(nval_ptr + rows_c * 2 + 1, mass, mask=live)
+    else:
+        live = rmask
+        log_q = tl.where(lx > float("-inf"), lx * inv_t - lse_d, float("-inf"))
+    tl.store(so + 0, log_q, mask=live)
 
 
 @triton.jit
@@ -184,21 +342,22 @@ def _verify_scan_kernel(stats_ptr, u_ptr, nacc_ptr, term_ptr, BK, W,
 
 
 @triton.jit
-def _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, lse_d, lse_p, cd, ca):
+def _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, q_off, q_scale, tkey, cut,
+                         lse_p, cd, ca, NUCLEUS: tl.constexpr):
     """One vocabulary block of the PoE target p and the residual (p - q)_+ (both normalised
     through the row statistics of the first pass), and the block's validity mask."""
-    m2 = live[:, None] & (cols < V)[None, :]
-    x = _clean(tl.load(dlm_ptr + base_d[:, None] + cols[None, :], mask=m2, other=float("-inf")))
-    y = _clean(tl.load(ar_ptr + base_a[:, None] + cols[None, :], mask=m2, other=float("-inf")))
-    q = tl.exp(x * inv_t[:, None] - lse_d[:, None])
+    x, m2 = _load_row_block(dlm_ptr + base_d, cols, live, V)
+    y, _ = _load_row_block(ar_ptr + base_a, cols, live, V)
+    q = _proposal(x, cols, inv_t, q_off, q_scale, tkey, cut, NUCLEUS)
     p = tl.exp((_weighted(cd, x) + _weighted(ca, y)) * inv_t[:, None] - lse_p[:, None])
     return p, tl.maximum(p - q, 0.0), m2
 
 
 @triton.jit
-def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_ptr, tok_ptr, extra_ptr,
-                            BK, K, W, V, dB, dK, dW, aB, aK, aW, w, inv_t_star,
-                            PARITY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, nkey_ptr, nval_ptr, u_ptr, nacc_ptr,
+                            tok_ptr, extra_ptr, BK, K, W, V, dB, dK, dW, aB, aK, aW, w, inv_t_star,
+                            PARITY: tl.constexpr, NUCLEUS: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     bk = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     bmask = bk < BK
@@ -218,6 +377,16 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
     inv_t = 1.0 / T
     inv_ts = tl.where(inv_t_star > 0, inv_t_star + 0.0 * inv_t, inv_t)
     u = tl.load(u_ptr + bk_c * (W + 1) + W, mask=live, other=0.5)
+    if NUCLEUS:   # q(v) = e(v) / mass on the nucleus of the verify pass (same tkey, cut, max, mass)
+        tkey = tl.load(nkey_ptr + row * 2 + 0, mask=live, other=0).to(tl.uint32)
+        cut = tl.load(nkey_ptr + row * 2 + 1, mask=live, other=0).to(tl.int32)
+        q_off = tl.load(nval_ptr + row * 2 + 0, mask=live, other=0.0).to(tl.float32)
+        q_scale = (1.0 / tl.load(nval_ptr + row * 2 + 1, mask=live, other=1.0)).to(tl.float32)
+    else:
+        tkey = tl.zeros([BLOCK_R], tl.uint32)
+        cut = tl.zeros([BLOCK_R], tl.int32)
+        q_off = lse_d
+        q_scale = tl.full([BLOCK_R], 1.0, tl.float32)
     cd = w
     ca = 1.0 - w
     cols0 = tl.arange(0, BLOCK_V)
@@ -228,7 +397,8 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
     tot_p = tl.zeros([BLOCK_R], tl.float64)
     for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
-        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, lse_d, lse_p, cd, ca)
+        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, q_off, q_scale, tkey,
+                                        cut, lse_p, cd, ca, NUCLEUS)
         tot_r += tl.sum(r.to(tl.float64), axis=1)
         tot_p += tl.sum(p.to(tl.float64), axis=1)
     use_p = ~(tot_r > 0.0)
@@ -240,7 +410,8 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
     last = tl.full([BLOCK_R], -1, tl.int32)
     for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
-        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, lse_d, lse_p, cd, ca)
+        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, q_off, q_scale, tkey,
+                                        cut, lse_p, cd, ca, NUCLEUS)
         v = tl.where(use_p[:, None], p, r)
         v = tl.where(m2, v, 0.0).to(tl.float64)
         ytok, last, cum = _inverse_cdf_block(v, cols, cum, target, ytok, last)
@@ -258,13 +429,14 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, u_ptr, nacc_p
 
 
 # ---------------------------------------------------------------------------------------------
-# poe_draft (top_p = 1)
+# poe_draft
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
 def _draft_kernel(logits_ptr, temps_ptr, u_ptr, tok_ptr, logq_ptr, flags_ptr,
-                  R, K, W, V, sB, sW,
-                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                  R, K, W, V, sB, sW, top_p: tl.float64,
+                  NUCLEUS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)      # rows = (b, k, j), the layout of the outputs
     rmask = rows < R
@@ -272,40 +444,54 @@ def _draft_kernel(logits_ptr, temps_ptr, u_ptr, tok_ptr, logq_ptr, flags_ptr,
     b = rows_c // (K * W)
     k = (rows_c // W) % K
     j = rows_c % W
-    base = b * sB + j * sW
+    row_ptr = logits_ptr + b * sB + j * sW
     T = tl.load(temps_ptr + b * K + k, mask=rmask, other=1.0)
     inv_t = 1.0 / T
     u = tl.load(u_ptr + rows_c, mask=rmask, other=0.5)
     cols0 = tl.arange(0, BLOCK_V)
 
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)     # of l / T
     s = tl.zeros([BLOCK_R], tl.float32)
+    m_raw = tl.full([BLOCK_R], float("-inf"), tl.float32)  # of l (the nucleus masses' reference)
     nan = tl.zeros([BLOCK_R], tl.int32)
     pinf = tl.zeros([BLOCK_R], tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         m2 = rmask[:, None] & (cols < V)[None, :]
-        xr = tl.load(logits_ptr + base[:, None] + cols[None, :], mask=m2, other=float("-inf")).to(tl.float32)
+        xr = tl.load(row_ptr[:, None] + cols[None, :], mask=m2, other=float("-inf")).to(tl.float32)
         nan += tl.sum((xr != xr).to(tl.int32), axis=1)
         pinf += tl.sum((xr == float("inf")).to(tl.int32), axis=1)
         x = tl.where(xr != xr, float("-inf"), xr)
         m, s = _online(m, s, x * inv_t[:, None])
-    ms = tl.where(m == float("-inf"), 0.0, m)
-    # e = exp(l/T - m), total = sum e, accumulated in float64 in token-id order
-    target = u * s.to(tl.float64)
+        if NUCLEUS:
+            m_raw = tl.maximum(m_raw, tl.max(x, axis=1))
+    live = rmask & (m > float("-inf"))
+    if NUCLEUS:
+        offset = tl.where(live, m_raw, 0.0)
+        tkey, cut, total = _nucleus(row_ptr, live, V, offset, inv_t, top_p, BLOCK_R, BLOCK_S)
+    else:
+        offset = tl.where(live, m, 0.0)
+        tkey = tl.zeros([BLOCK_R], tl.uint32)
+        cut = tl.zeros([BLOCK_R], tl.int32)
+        total = s.to(tl.float64)
+    one = tl.full([BLOCK_R], 1.0, tl.float32)
+    # inverse CDF of the proposal (float64 accumulation in token-id order) with the given uniform
+    target = u * total
     cum = tl.zeros([BLOCK_R], tl.float64)
     xtok = tl.full([BLOCK_R], -1, tl.int32)
     last = tl.full([BLOCK_R], -1, tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        m2 = rmask[:, None] & (cols < V)[None, :]
-        x = _clean(tl.load(logits_ptr + base[:, None] + cols[None, :], mask=m2, other=float("-inf")))
-        e = tl.exp(x * inv_t[:, None] - ms[:, None])
+        x, m2 = _load_row_block(row_ptr, cols, rmask, V)
+        e = _proposal(x, cols, inv_t, offset, one, tkey, cut, NUCLEUS)
         e = tl.where(m2, e, 0.0).to(tl.float64)
         xtok, last, cum = _inverse_cdf_block(e, cols, cum, target, xtok, last)
     xtok = tl.where(xtok < 0, tl.maximum(last, 0), xtok)
-    lx = _clean(tl.load(logits_ptr + base + xtok, mask=rmask, other=0.0))
-    log_q = lx * inv_t - (m + tl.log(s))
+    lx = _clean(tl.load(row_ptr + xtok, mask=rmask, other=0.0))
+    if NUCLEUS:
+        log_q = ((lx - offset) * inv_t).to(tl.float64) - tl.log(total)
+    else:
+        log_q = lx * inv_t - (m + tl.log(s))
     tl.store(tok_ptr + rows_c, xtok.to(tl.int64), mask=rmask)
     tl.store(logq_ptr + rows_c, log_q, mask=rmask)
     tl.store(flags_ptr + rows_c * 3 + 0, nan, mask=rmask)
@@ -408,6 +594,12 @@ def _tiles(t: torch.Tensor, R: int, V: int) -> tuple[int, int, int]:
     return 1, bv, 4 if bv <= 1024 else 8
 
 
+def _select_tile(t: torch.Tensor, bv: int) -> int:
+    """BLOCK_S of the nucleus select passes, whose one-hot digit tiles are [BLOCK_R, BLOCK_S, 16]
+    float64: on a GPU 256 columns (16 float64 per thread at 8 warps: no spills)."""
+    return bv if _interpreted(t) else min(bv, 256)
+
+
 def _raise_flags(name: str, nan: int, pinf: int, empty: int, allow_nan: bool) -> None:
     if pinf:
         raise ValueError(f"{name}: contains +inf logits (only -inf, i.e. masked tokens, are legal)")
@@ -418,9 +610,7 @@ def _raise_flags(name: str, nan: int, pinf: int, empty: int, allow_nan: bool) ->
 
 
 def draft(dlm_logits, temperatures, top_p, uniforms, allow_nan):
-    """poe_draft backend (top_p = 1): ``(tokens [B, K, W] int64, log_q [B, K, W] float32)``."""
-    if top_p < 1.0:
-        raise NotImplementedError("top_p < 1 not implemented in triton")
+    """poe_draft backend: ``(tokens [B, K, W] int64, log_q [B, K, W] float32)``."""
     x = dlm_logits if dlm_logits.stride(-1) == 1 else dlm_logits.contiguous()
     B, W, V = x.shape
     K = temperatures.shape[1]
@@ -433,7 +623,8 @@ def draft(dlm_logits, temperatures, top_p, uniforms, allow_nan):
     flags = torch.zeros(R, 3, dtype=torch.int32, device=dev)
     br, bv, nw = _tiles(x, R, V)
     _draft_kernel[(triton.cdiv(R, br),)](x, temps, u, tokens, log_q, flags, R, K, W, V,
-                                         x.stride(0), x.stride(1), BLOCK_R=br, BLOCK_V=bv, num_warps=nw)
+                                         x.stride(0), x.stride(1), float(top_p), NUCLEUS=top_p < 1.0,
+                                         BLOCK_R=br, BLOCK_V=bv, BLOCK_S=_select_tile(x, bv), num_warps=nw)
     f = flags.sum(0).tolist()
     _raise_flags("dlm_logits", f[0], f[1], f[2], allow_nan)
     return tokens, log_q
@@ -442,8 +633,7 @@ def draft(dlm_logits, temperatures, top_p, uniforms, allow_nan):
 def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weight, top_p,
            target_temperature, uniforms, parity, allow_nan):
     """poe_verify backend: ``(num_accepted, tokens, log_weights, corrected)`` (see diffkern.ops.poe)."""
-    if top_p < 1.0 and not parity:
-        raise NotImplementedError("top_p < 1 not implemented in triton")
+    nucleus = top_p < 1.0 and not parity      # parity verifies against the full softmax
     d = dlm_logits if dlm_logits.stride(-1) == 1 else dlm_logits.contiguous()   # stride-0 K kept
     a = ar_logits if ar_logits.stride(-1) == 1 else ar_logits.contiguous()
     B, K, W, V = a.shape
@@ -456,10 +646,14 @@ def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weigh
     t_star = 1.0 / float(target_temperature) if target_temperature > 0 else 0.0   # 1/T* (0: T_k)
     stats = torch.empty(R, _NSTATS, dtype=torch.float32, device=dev)
     flags = torch.zeros(R, 4, dtype=torch.int32, device=dev)
+    # nucleus descriptor per row: (threshold key, last kept tie id), (max l_D, nucleus mass)
+    nkey = torch.empty(R if nucleus else 1, 2, dtype=torch.int64, device=dev)
+    nval = torch.empty(R if nucleus else 1, 2, dtype=torch.float64, device=dev)
     br, bv, nw = _tiles(a, R, V)
     _verify_rows_kernel[(triton.cdiv(R, br),)](
-        d, a, drafts, temps, stats, flags, R, K, W, V, d.stride(0), d.stride(1), d.stride(2),
-        a.stride(0), a.stride(1), a.stride(2), w, t_star, BLOCK_R=br, BLOCK_V=bv, num_warps=nw)
+        d, a, drafts, temps, stats, flags, nkey, nval, R, K, W, V, d.stride(0), d.stride(1), d.stride(2),
+        a.stride(0), a.stride(1), a.stride(2), w, t_star, float(top_p), NUCLEUS=nucleus,
+        BLOCK_R=br, BLOCK_V=bv, BLOCK_S=_select_tile(a, bv), num_warps=nw)
     f = flags.sum(0).tolist()
     _raise_flags("dlm_logits", f[0], f[1], 0, allow_nan)
     _raise_flags("ar_logits", f[2], f[3], 0, allow_nan)
@@ -484,9 +678,9 @@ def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weigh
     extra = torch.empty(BK, dtype=torch.float64, device=dev)
     br2, bv2, nw2 = _tiles(a, BK, V)
     _verify_residual_kernel[(triton.cdiv(BK, br2),)](
-        d, a, temps, stats, u, nacc, ytok, extra, BK, K, W, V, d.stride(0), d.stride(1), d.stride(2),
-        a.stride(0), a.stride(1), a.stride(2), w, t_star, PARITY=bool(parity), BLOCK_R=br2, BLOCK_V=bv2,
-        num_warps=nw2)
+        d, a, temps, stats, nkey, nval, u, nacc, ytok, extra, BK, K, W, V, d.stride(0), d.stride(1),
+        d.stride(2), a.stride(0), a.stride(1), a.stride(2), w, t_star, PARITY=bool(parity), NUCLEUS=nucleus,
+        BLOCK_R=br2, BLOCK_V=bv2, num_warps=nw2)
 
     corrected = nacc < W
     tokens = drafts.clone()

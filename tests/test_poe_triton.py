@@ -17,11 +17,14 @@ from test_poe_ops import _make, _run, safe_draft_uniforms, safe_verify_uniforms
 pytestmark = pytest.mark.skipif(not available("triton"), reason="triton backend unavailable")
 
 
-def test_dispatch_explains_top_p():
+def test_dispatch_reasons():
+    """top_p < 1 is no reason to refuse any more; float64 still is."""
     d, a, temps = _make(torch.float32, 2, 2, 2, 7, seed=0)
-    with pytest.raises(diffkern.BackendError if hasattr(diffkern, "BackendError") else RuntimeError,
-                       match="top_p = 1 only"):
-        _run("triton", diffkern.ops.poe_draft, d, temps, top_p=0.9, seed=0)
+    T, u = temps.expand(2, 2), torch.rand(2, 2, 3, dtype=torch.float64)
+    tok = torch.zeros(2, 2, 2, dtype=torch.int64)
+    assert poe._draft_op.reasons("triton", d, T, 0.9, u[..., :2], False) == []
+    assert poe._verify_op.reasons("triton", d.unsqueeze(1).expand(2, 2, 2, 7), a, tok, T, torch.zeros(2, 2),
+                                  0.3, 0.9, 0.0, u, False, False) == []
     with pytest.raises(RuntimeError, match="dtype torch.float64 is not supported"):
         _run("triton", diffkern.ops.product_of_experts, [d.double(), d.double()], [0.5, 0.5])
 

@@ -44,7 +44,7 @@ accumulate the CDFs in float64 in token-id order. Tests pick uniforms away from 
 
 Backends: ``reference`` (this file, float64, sort-based nucleus: the spec), ``cpu``
 (``csrc/cpu/poe.cpp`` + ``csrc/include/diffkern/poe.h``: one pass per row, radix-select nucleus,
-no sort), ``triton`` (``kernels/poe.py``; top_p = 1 only for now).
+no sort), ``triton`` (``kernels/poe.py``: the same radix-select nucleus, 4 bits per pass).
 
 ``parity=True`` in :func:`poe_verify` reproduces the official code's choices
 (juntongshi48/poe-bridge, ``dream/generation_utils.py``):
@@ -361,11 +361,6 @@ def _triton_check(kind: str):
         bad = [str(t.dtype) for t in tensors if t.dtype not in _FAST_DTYPES]
         if bad:
             why.append(f"dtype {bad[0]} is not supported (float32, float16, bfloat16)")
-        if kind in ("draft", "verify"):
-            top_p = args[2] if kind == "draft" else args[6]
-            parity = kind == "verify" and args[9]
-            if top_p < 1.0 and not parity:
-                why.append("the triton kernels implement top_p = 1 only (the nucleus select is cpu/reference)")
         return why
     return check
 

@@ -29,8 +29,10 @@ ARCHS = (80, 90)
 
 # kernel -> register budget per thread. Measured max over fp32/bf16 (sm_80 / sm_90, triton 3.9.0):
 # verify_rows 40/54, verify_scan 60/64, verify_residual 104/102, draft 128/92,
-# combine 48/84 (4 experts + partial sum; 2 experts: 40/45). All 0 spills.
-BUDGET = {"verify_rows": 72, "verify_scan": 96, "verify_residual": 136, "draft": 160, "combine": 112}
+# combine 48/84 (4 experts + partial sum; 2 experts: 40/45); top_p < 1 (NUCLEUS, BLOCK_S = 256):
+# verify_rows_nucleus 48/57, verify_residual_nucleus 98/87, draft_nucleus 94/92. All 0 spills.
+BUDGET = {"verify_rows": 72, "verify_scan": 96, "verify_residual": 136, "draft": 160, "combine": 112,
+          "verify_rows_nucleus": 80, "verify_residual_nucleus": 128, "draft_nucleus": 128}
 
 WORKER = r'''
 import importlib.util, json, os, re, subprocess, sys, tempfile, time
@@ -53,26 +55,30 @@ def ints(names):
 
 def cases(dt):
     p = "*" + dt
-    yield ("verify_rows", dt, mod._verify_rows_kernel,
-           {"dlm_ptr": p, "ar_ptr": p, "drafts_ptr": "*i64", "temps_ptr": "*fp32", "stats_ptr": "*fp32",
-            "flags_ptr": "*i32", **ints("R K W V dB dK dW aB aK aW"), "w": "fp32", "inv_t_star": "fp32",
-            "BLOCK_R": "constexpr", "BLOCK_V": "constexpr"},
-           {"BLOCK_R": 1, "BLOCK_V": 2048}, 8)
+    for nucleus in (False, True):
+        yield ("verify_rows" + ("_nucleus" if nucleus else ""), dt, mod._verify_rows_kernel,
+               {"dlm_ptr": p, "ar_ptr": p, "drafts_ptr": "*i64", "temps_ptr": "*fp32", "stats_ptr": "*fp32",
+                "flags_ptr": "*i32", "nkey_ptr": "*i64", "nval_ptr": "*fp64", **ints("R K W V dB dK dW aB aK aW"),
+                "w": "fp32", "inv_t_star": "fp32", "top_p": "fp64", "NUCLEUS": "constexpr",
+                "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "BLOCK_S": "constexpr"},
+               {"NUCLEUS": nucleus, "BLOCK_R": 1, "BLOCK_V": 2048, "BLOCK_S": 256}, 8)
     yield ("verify_scan", dt, mod._verify_scan_kernel,
            {"stats_ptr": "*fp32", "u_ptr": "*fp64", "nacc_ptr": "*i64", "term_ptr": "*fp64", "BK": "i32",
             "W": "i32", "PARITY": "constexpr", "BLOCK_BK": "constexpr", "BLOCK_W": "constexpr"},
            {"PARITY": False, "BLOCK_BK": 64, "BLOCK_W": 16}, 4)
-    for parity in (False, True):
-        yield ("verify_residual", dt, mod._verify_residual_kernel,
-               {"dlm_ptr": p, "ar_ptr": p, "temps_ptr": "*fp32", "stats_ptr": "*fp32", "u_ptr": "*fp64",
-                "nacc_ptr": "*i64", "tok_ptr": "*i64", "extra_ptr": "*fp64",
+    for parity, nucleus in ((False, False), (True, False), (False, True)):
+        yield ("verify_residual" + ("_nucleus" if nucleus else ""), dt, mod._verify_residual_kernel,
+               {"dlm_ptr": p, "ar_ptr": p, "temps_ptr": "*fp32", "stats_ptr": "*fp32", "nkey_ptr": "*i64",
+                "nval_ptr": "*fp64", "u_ptr": "*fp64", "nacc_ptr": "*i64", "tok_ptr": "*i64", "extra_ptr": "*fp64",
                 **ints("BK K W V dB dK dW aB aK aW"), "w": "fp32", "inv_t_star": "fp32",
-                "PARITY": "constexpr", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr"},
-               {"PARITY": parity, "BLOCK_R": 1, "BLOCK_V": 2048}, 8)
-    yield ("draft", dt, mod._draft_kernel,
-           {"logits_ptr": p, "temps_ptr": "*fp32", "u_ptr": "*fp64", "tok_ptr": "*i64", "logq_ptr": "*fp32",
-            "flags_ptr": "*i32", **ints("R K W V sB sW"), "BLOCK_R": "constexpr", "BLOCK_V": "constexpr"},
-           {"BLOCK_R": 1, "BLOCK_V": 2048}, 8)
+                "PARITY": "constexpr", "NUCLEUS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr"},
+               {"PARITY": parity, "NUCLEUS": nucleus, "BLOCK_R": 1, "BLOCK_V": 2048}, 8)
+    for nucleus in (False, True):
+        yield ("draft" + ("_nucleus" if nucleus else ""), dt, mod._draft_kernel,
+               {"logits_ptr": p, "temps_ptr": "*fp32", "u_ptr": "*fp64", "tok_ptr": "*i64", "logq_ptr": "*fp32",
+                "flags_ptr": "*i32", **ints("R K W V sB sW"), "top_p": "fp64", "NUCLEUS": "constexpr",
+                "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "BLOCK_S": "constexpr"},
+               {"NUCLEUS": nucleus, "BLOCK_R": 1, "BLOCK_V": 2048, "BLOCK_S": 256}, 8)
     for num_e, has_part in ((2, False), (4, True)):
         yield ("combine", dt, mod._combine_kernel,
                {"p0": p, "p1": p, "p2": p, "p3": p, "part_ptr": "*fp32", "out_ptr": "*fp32",
