@@ -75,3 +75,17 @@ def test_metrics():
     b = (a + 0.1).clamp(0, 1)
     assert 10 < demo.psnr(b, a) < 30 and demo.ssim(b, a) < 1.0
     assert demo.psnr((a + 0.01), a) == pytest.approx(40.0, abs=1e-3)
+
+
+def test_flow_timesteps_shift_matches_diffusers_formula():
+    uniform = tiny_dit.flow_timesteps(10)
+    assert torch.equal(uniform, torch.linspace(1.0, 0.0, 11, dtype=torch.float64))
+    for shift in (0.2, 3.0):
+        t = tiny_dit.flow_timesteps(10, shift)
+        assert t[0] == 1.0 and t[-1] == 0.0 and bool((t[1:] < t[:-1]).all())
+        assert torch.allclose(t, shift * uniform / (1 + (shift - 1) * uniform))
+    # shift < 1 spends more of the steps near t = 0: the last step is shorter than uniform's
+    assert tiny_dit.flow_timesteps(10, 0.2)[-2] < uniform[-2] < tiny_dit.flow_timesteps(10, 3.0)[-2]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="shift"):
+            tiny_dit.flow_timesteps(10, bad)

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=128, help="samples per run (default %(default)s)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shift", type=float, default=1.0,
+                        help="timestep shift of the flow schedule, as diffusers' FlowMatchEulerDiscrete"
+                             "Scheduler (default %(default)s: uniform; < 1 spends more steps near t = 0)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per method; the fastest is reported (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             hooks.enable(model, config, shadow=shadow_on)
             hooks.reset(model, steps)
         t0 = time.perf_counter()
-        out = flow_sample(model, noise, labels, steps, callback=lambda i: bar.update(1))
+        out = flow_sample(model, noise, labels, steps, callback=lambda i: bar.update(1), shift=args.shift)
         elapsed = time.perf_counter() - t0
         st = getattr(model, hooks._ATTR, None)
         return out, elapsed, st
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("spectrum-a0.75", "spectrum-a3", "taylorseer-n4-o2", "fora-n3"):
         st = hooks.enable(model, methods[name])
         hooks.reset(model, steps)
-        flow_sample(model, noise, labels, steps)
+        flow_sample(model, noise, labels, steps, shift=args.shift)
         predict_s = _median_time(lambda: st.cache.predict(0, steps - 1))
         cost[name] = {"forecast_ms": predict_s * 1e3, "fraction_of_forward": predict_s / forward_s,
                       "history": st.cache.recorded(0)}
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                      "rel_l2": rel_l2(x, ref), "seconds": best[name]})
 
     print(f"\nSpectrum demo: tiny DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-          f"{args.batch} samples, {steps} steps, seed {args.seed}, {torch.get_num_threads()} thread(s), "
+          f"{args.batch} samples, {steps} steps (shift {args.shift:g}), seed {args.seed}, {torch.get_num_threads()} thread(s), "
           f"best of {args.repeats} runs")
     print(f"{'method':<18}{'NFE':>5}{'speedup':>9}{'PSNR':>9}{'SSIM':>8}{'relL2':>9}{'shadow':>9}")
     for r in rows:
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "shadow": shadow, "forecast_cost": cost,
-                       "config": {"batch": args.batch, "steps": steps, "seed": args.seed,
+                       "config": {"batch": args.batch, "steps": steps, "shift": args.shift, "seed": args.seed,
                                   "threads": torch.get_num_threads(), "repeats": args.repeats}},
                       f, indent=1)
         print(f"json: {args.json}")

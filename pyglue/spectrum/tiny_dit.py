@@ -7,13 +7,14 @@ fp16) under ``diffkern/assets/spectrum/tiny_dit`` and loaded with ``from_pretrai
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["ASSET_DIR", "MODEL_CONFIG", "load_tiny_dit", "load_digits", "flow_sample", "to_images"]
+__all__ = ["ASSET_DIR", "MODEL_CONFIG", "load_tiny_dit", "load_digits", "flow_sample", "flow_timesteps", "to_images"]
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "spectrum", "tiny_dit")
 
@@ -51,14 +52,27 @@ def load_digits() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(d.target, dtype=torch.long)
 
 
+def flow_timesteps(num_steps: int, shift: float = 1.0) -> Tensor:
+    """``num_steps + 1`` times from 1 to 0: uniform, then shifted like diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=...)``: t' = shift t / (1 + (shift - 1) t).
+    ``shift > 1`` spends more steps at high noise (SD3 uses 3), ``shift < 1`` at low noise."""
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift: expected a finite number > 0, got {shift!r}")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    shifted = shift * t / (1.0 + (shift - 1.0) * t)
+    shifted[0] = 1.0  # exactly pure noise (the formula can round to 1 + 1 ulp)
+    return shifted
+
+
 @torch.no_grad()
 def flow_sample(model, noise: Tensor, labels: Tensor, num_steps: int = 50,
-                callback: Optional[Callable[[int], None]] = None) -> Tensor:
-    """Rectified-flow Euler sampler: x_1 = noise, x_{t-dt} = x_t - dt v(x_t, t), t = 1 -> 0.
+                callback: Optional[Callable[[int], None]] = None, shift: float = 1.0) -> Tensor:
+    """Rectified-flow Euler sampler: x_1 = noise, x_{t-dt} = x_t - dt v(x_t, t), t = 1 -> 0 on
+    :func:`flow_timesteps` (uniform at the default ``shift=1``).
 
     The model sees ``timestep = 1000 t`` (what it was trained with)."""
     x = noise
-    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    ts = flow_timesteps(num_steps, shift)
     for i in range(num_steps):
         t = torch.full((x.shape[0],), float(ts[i]) * 1000.0, dtype=x.dtype, device=x.device)
         v = model(x, timestep=t, class_labels=labels, return_dict=False)[0]
