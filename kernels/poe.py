@@ -192,6 +192,7 @@ def _nucleus(row_ptr, live, V, m, inv_t, top_p, BLOCK_R: tl.constexpr, BLOCK_S: 
 
 @triton.jit
 def _in_nucleus(x, col, tkey, cut):
+    """Membership of token ``col`` (logit x) in the nucleus (tkey, cut) of _nucleus."""
     key = _float_key(x)
     return (key > tkey) | ((key == tkey) & (col <= cut))
 
@@ -345,12 +346,12 @@ def _verify_scan_kernel(stats_ptr, u_ptr, nacc_ptr, term_ptr, BK, W,
 
 
 @triton.jit
-def _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, q_off, q_scale, tkey, cut,
-                         lse_p, cd, ca, NUCLEUS: tl.constexpr):
+def _target_and_residual(d_row, a_row, cols, live, V, inv_t, q_off, q_scale, tkey, cut, lse_p, cd, ca,
+                         NUCLEUS: tl.constexpr):
     """One vocabulary block of the PoE target p and the residual (p - q)_+ (both normalised
-    through the row statistics of the first pass), and the block's validity mask."""
-    x, m2 = _load_row_block(dlm_ptr + base_d, cols, live, V)
-    y, _ = _load_row_block(ar_ptr + base_a, cols, live, V)
+    through the row statistics of the first pass; q as in _proposal), and the block's validity mask."""
+    x, m2 = _load_row_block(d_row, cols, live, V)
+    y, _ = _load_row_block(a_row, cols, live, V)
     q = _proposal(x, cols, inv_t, q_off, q_scale, tkey, cut, NUCLEUS)
     p = tl.exp((_weighted(cd, x) + _weighted(ca, y)) * inv_t[:, None] - lse_p[:, None])
     return p, tl.maximum(p - q, 0.0), m2
@@ -370,8 +371,8 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, nkey_ptr, nva
     j = tl.where(live, n, 0)
     b = bk_c // K
     k = bk_c % K
-    base_d = b * dB + k * dK + j * dW
-    base_a = b * aB + k * aK + j * aW
+    d_row = dlm_ptr + b * dB + k * dK + j * dW
+    a_row = ar_ptr + b * aB + k * aK + j * aW
     row = bk_c * W + j
     lse_d = tl.load(stats_ptr + row * 8 + 5, mask=live, other=0.0)
     lse_p = tl.load(stats_ptr + row * 8 + 6, mask=live, other=0.0)
@@ -400,8 +401,8 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, nkey_ptr, nva
     tot_p = tl.zeros([BLOCK_R], tl.float64)
     for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
-        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, q_off, q_scale, tkey,
-                                        cut, lse_p, cd, ca, NUCLEUS)
+        p, r, m2 = _target_and_residual(d_row, a_row, cols, live, V, inv_t, q_off, q_scale, tkey, cut, lse_p,
+                                        cd, ca, NUCLEUS)
         tot_r += tl.sum(r.to(tl.float64), axis=1)
         tot_p += tl.sum(p.to(tl.float64), axis=1)
     use_p = ~(tot_r > 0.0)
@@ -413,15 +414,15 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, nkey_ptr, nva
     last = tl.full([BLOCK_R], -1, tl.int32)
     for start in range(0, v_end, BLOCK_V):
         cols = start + cols0
-        p, r, m2 = _target_and_residual(dlm_ptr, ar_ptr, base_d, base_a, cols, live, V, inv_t, q_off, q_scale, tkey,
-                                        cut, lse_p, cd, ca, NUCLEUS)
+        p, r, m2 = _target_and_residual(d_row, a_row, cols, live, V, inv_t, q_off, q_scale, tkey, cut, lse_p,
+                                        cd, ca, NUCLEUS)
         v = tl.where(use_p[:, None], p, r)
         v = tl.where(m2, v, 0.0).to(tl.float64)
         ytok, last, cum = _inverse_cdf_block(v, cols, cum, target, ytok, last)
     ytok = tl.where(ytok < 0, tl.maximum(last, 0), ytok)
 
-    lx = _clean(tl.load(dlm_ptr + base_d + ytok, mask=live, other=0.0))
-    ly = _clean(tl.load(ar_ptr + base_a + ytok, mask=live, other=0.0))
+    lx = _clean(tl.load(d_row + ytok, mask=live, other=0.0))
+    ly = _clean(tl.load(a_row + ytok, mask=live, other=0.0))
     if PARITY:
         extra = ly.to(tl.float64) - lx.to(tl.float64)
     else:
