@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(VENV)/bin/diffkern bench $(BENCH_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests bench
 
 clean:
 	rm -rf build pyglue/_C*.so *.egg-info $(STAMP)

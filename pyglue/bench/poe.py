@@ -72,53 +72,58 @@ def _on(backend, fn):
     return run
 
 
+def _verify_case(V: int, W: int, dtype: torch.dtype, name: str, g: torch.Generator) -> Case:
+    # one function per case: its closures own their tensors (nothing rebinds them later, and
+    # they are freed with the case)
+    B, K = 1, 4
+    dlm = (torch.randn(B, W, V, generator=g) * 4).to(dtype)
+    ar = (torch.randn(B, K, W, V, generator=g) * 4).to(dtype)
+    temps = torch.tensor([0.2, 0.367, 0.533, 0.7])
+    drafts, _ = diffkern.ops.poe_draft(dlm, temps, seed=0)
+    u = torch.rand(B, K, W + 1, generator=g, dtype=torch.float64)
+    w = 0.3
+
+    def verify_op():
+        r = diffkern.ops.poe_verify(dlm, ar, drafts, temps, weight=w, uniforms=u)
+        return r.log_weights, r.tokens
+
+    compiled = torch.compile(eager_verify)
+    return Case(op="poe_verify", label=f"B={B} K={K} W={W} V={V} {name}",
+                impls={"eager": lambda: eager_verify(dlm, ar, drafts, temps, w, u),
+                       "torch.compile(eager)": lambda: compiled(dlm, ar, drafts, temps, w, u),
+                       "reference": _on("reference", verify_op),
+                       "cpu": _on("cpu", verify_op)},
+                baseline="eager", compiled="torch.compile(eager)",
+                bytes_moved=(B * W * V + B * K * W * V) * dlm.element_size(), elements=K * W * V,
+                extra={"torch.exp": lambda: torch.exp(ar)})
+
+
+def _draft_case(V: int, W: int, dtype: torch.dtype, name: str, g: torch.Generator) -> Case:
+    B, top_p = 1, 0.95
+    temps = torch.tensor([0.2, 0.367, 0.533, 0.7])
+    K = temps.numel()
+    dlm = (torch.randn(B, W, V, generator=g) * 4).to(dtype)
+    ud = torch.rand(B, K, W, generator=g, dtype=torch.float64)
+
+    def draft_op():
+        tok, log_q = diffkern.ops.poe_draft(dlm, temps, top_p=top_p, uniforms=ud)
+        return log_q, tok
+
+    compiled = torch.compile(eager_draft)
+    return Case(op="poe_draft", label=f"B={B} K={K} W={W} V={V} top_p={top_p} {name}",
+                impls={"eager": lambda: eager_draft(dlm, temps, top_p, ud),
+                       "torch.compile(eager)": lambda: compiled(dlm, temps, top_p, ud),
+                       "reference": _on("reference", draft_op),
+                       "cpu": _on("cpu", draft_op)},
+                baseline="eager", compiled="torch.compile(eager)",
+                bytes_moved=B * W * V * dlm.element_size(), elements=K * W * V,
+                extra={"torch.exp": lambda: torch.exp(dlm)})
+
+
 def cases(quick: bool) -> Iterator[Case]:
     V = 4099 if quick else V_FULL
-    K = 4
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
-        B, W = 1, (4 if quick else 32)
         g = torch.Generator().manual_seed(0)
-        dlm = (torch.randn(B, W, V, generator=g) * 4).to(dtype)
-        ar = (torch.randn(B, K, W, V, generator=g) * 4).to(dtype)
-        temps = torch.tensor([0.2, 0.367, 0.533, 0.7])
-        drafts, _ = diffkern.ops.poe_draft(dlm, temps, seed=0)
-        u = torch.rand(B, K, W + 1, generator=g, dtype=torch.float64)
-        w = 0.3
-
-        def verify_op():
-            r = diffkern.ops.poe_verify(dlm, ar, drafts, temps, weight=w, uniforms=u)
-            return r.log_weights, r.tokens
-
-        eager = lambda: eager_verify(dlm, ar, drafts, temps, w, u)  # noqa: E731
-        compiled = torch.compile(eager_verify)
-        elt = dlm.element_size()
-        yield Case(op="poe_verify", label=f"B={B} K={K} W={W} V={V} {name}",
-                   impls={"eager": eager,
-                          "torch.compile(eager)": lambda: compiled(dlm, ar, drafts, temps, w, u),
-                          "reference": _on("reference", verify_op),
-                          "cpu": _on("cpu", verify_op)},
-                   baseline="eager", compiled="torch.compile(eager)",
-                   bytes_moved=(B * W * V + B * K * W * V) * elt, elements=K * W * V,
-                   extra={"torch.exp": lambda: torch.exp(ar)})
-        del dlm, ar, compiled
-
-        W = 8 if quick else 256
-        top_p = 0.95
-        dlm = (torch.randn(B, W, V, generator=g) * 4).to(dtype)
-        ud = torch.rand(B, K, W, generator=g, dtype=torch.float64)
-
-        def draft_op():
-            tok, log_q = diffkern.ops.poe_draft(dlm, temps, top_p=top_p, uniforms=ud)
-            return log_q, tok
-
-        compiled_d = torch.compile(eager_draft)
-        yield Case(op="poe_draft", label=f"B={B} K={K} W={W} V={V} top_p={top_p} {name}",
-                   impls={"eager": lambda: eager_draft(dlm, temps, top_p, ud),
-                          "torch.compile(eager)": lambda: compiled_d(dlm, temps, top_p, ud),
-                          "reference": _on("reference", draft_op),
-                          "cpu": _on("cpu", draft_op)},
-                   baseline="eager", compiled="torch.compile(eager)",
-                   bytes_moved=B * W * V * dlm.element_size(), elements=K * W * V,
-                   extra={"torch.exp": lambda: torch.exp(dlm)})
-        del dlm, compiled_d
+        yield _verify_case(V, 4 if quick else 32, dtype, name, g)
+        yield _draft_case(V, 8 if quick else 256, dtype, name, g)
