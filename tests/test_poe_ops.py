@@ -158,6 +158,24 @@ def test_draft_and_verify_match_reference(backend, dtype, V, W, K, top_p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.7, 0.9])
+def test_signed_zero_logits_tie_in_the_nucleus(backend, top_p):
+    """-0.0 and +0.0 are equal logits: the nucleus keeps the lowest ids among them, whatever the
+    sign bit (a bitwise sort key would rank -0.0 below +0.0 and cut the wrong tokens)."""
+    _need(backend)
+    B, K, W, V = 1, 1, 16, 30
+    row = torch.zeros(V)
+    row[::3] = -0.0
+    row[::7] = 1.0
+    d = row.expand(B, W, V).contiguous()
+    temps = torch.tensor([1.0])
+    ud = safe_draft_uniforms(d, temps, top_p)
+    ref_tok, _ = _run("reference", diffkern.ops.poe_draft, d, temps, top_p=top_p, uniforms=ud)
+    tok, _ = _run(backend, diffkern.ops.poe_draft, d, temps, top_p=top_p, uniforms=ud)
+    assert torch.equal(tok, ref_tok)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_verify_weight_edges_and_rejections(backend):
     """w in {0, 1}, a row rejected at j = 0, and the [B, W, V] dlm form (expanded internally)."""
     _need(backend)

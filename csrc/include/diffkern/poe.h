@@ -87,9 +87,11 @@ DK_HD float fast_exp(float x) {
   return x < -87.3f ? 0.0f : y * scale;
 }
 
-// Monotone unsigned key of a float: a < b  <=>  key(a) < key(b) (no NaN).
+// Monotone unsigned key of a float: a < b  <=>  key(a) < key(b), and a == b  <=>  key(a) ==
+// key(b) (no NaN). -0.0 is keyed as +0.0 (f + 0.0f), so equal logits of either sign tie and the
+// nucleus breaks the tie toward the lower token id, as the reference does.
 DK_HD uint32_t float_key(float f) {
-  const uint32_t b = float_to_bits(f);
+  const uint32_t b = float_to_bits(f + 0.0f);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
