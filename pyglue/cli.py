@@ -62,8 +62,9 @@ def cmd_bench(args) -> int:
     print(harness.format_table(report))
     harness.write_json(report, args.json)
     print(f"wrote {args.json}")
-    problem = harness.write_plot(report, args.png)
-    print(problem or f"wrote {args.png}")
+    if args.png:
+        problem = harness.write_plot(report, args.png)
+        print(problem or f"wrote {args.png}")
     return 0
 
 
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", action="append", choices=["chebyshev", "poe"],
                    help="run only this suite (repeatable); default: all")
     p.add_argument("--json", default="diffkern-bench.json", help="where to write the JSON report")
-    p.add_argument("--png", default="diffkern-bench.png", help="where to write the speed-up plot")
+    p.add_argument("--png", default="diffkern-bench.png",
+                   help="where to write the speed-up plot ('' to skip; default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
