@@ -18,6 +18,7 @@ import diffkern
 from diffkern.bench.harness import Case
 
 V_FULL = 151_667
+TEMPERATURES = (0.2, 0.367, 0.533, 0.7)   # K = 4 mixed-temperature particles
 
 
 def eager_verify(dlm, ar, drafts, temps, weight, uniforms):
@@ -75,10 +76,10 @@ def _on(backend, fn):
 def _verify_case(V: int, W: int, dtype: torch.dtype, name: str, g: torch.Generator) -> Case:
     # one function per case: its closures own their tensors (nothing rebinds them later, and
     # they are freed with the case)
-    B, K = 1, 4
+    B, K = 1, len(TEMPERATURES)
     dlm = (torch.randn(B, W, V, generator=g) * 4).to(dtype)
     ar = (torch.randn(B, K, W, V, generator=g) * 4).to(dtype)
-    temps = torch.tensor([0.2, 0.367, 0.533, 0.7])
+    temps = torch.tensor(TEMPERATURES)
     drafts, _ = diffkern.ops.poe_draft(dlm, temps, seed=0)
     u = torch.rand(B, K, W + 1, generator=g, dtype=torch.float64)
     w = 0.3
@@ -100,8 +101,8 @@ def _verify_case(V: int, W: int, dtype: torch.dtype, name: str, g: torch.Generat
 
 def _draft_case(V: int, W: int, dtype: torch.dtype, name: str, g: torch.Generator) -> Case:
     B, top_p = 1, 0.95
-    temps = torch.tensor([0.2, 0.367, 0.533, 0.7])
-    K = temps.numel()
+    temps = torch.tensor(TEMPERATURES)
+    K = len(TEMPERATURES)
     dlm = (torch.randn(B, W, V, generator=g) * 4).to(dtype)
     ud = torch.rand(B, K, W, generator=g, dtype=torch.float64)
 
