@@ -41,6 +41,26 @@ def test_real_steps_rejects_bad_input():
         spectrum.real_steps(10, {"degree": 4})
 
 
+@pytest.mark.parametrize("cls", [SpectrumConfig, TaylorSeerConfig, FORAConfig])
+def test_explicit_schedule_replaces_the_rule(cls):
+    ts_n4 = spectrum.real_steps(50, TaylorSeerConfig(interval=4))
+    cfg = cls(schedule=ts_n4)
+    assert cfg.schedule == tuple(ts_n4) and spectrum.real_steps(50, cfg) == ts_n4
+    assert spectrum.make_cache(cfg).real_set == frozenset(ts_n4)
+    with pytest.raises(ValueError, match="schedule is for num_steps=50, but this run has 30"):
+        spectrum.real_steps(30, cfg)              # never a silently wrong schedule
+
+
+@pytest.mark.parametrize("schedule, exc, match", [
+    ((0, 2, 2), ValueError, "strictly increasing"), ((3, 1), ValueError, "strictly increasing"),
+    ((0, 50), ValueError, r"\[0, num_steps=50\)"), ((-1, 3), ValueError, "num_steps"),
+    ((0, 1.5), TypeError, "int step indices"), ("0,1", TypeError, "sequence"), (7, TypeError, "sequence")])
+def test_explicit_schedule_validation(schedule, exc, match):
+    for cls in (SpectrumConfig, TaylorSeerConfig, FORAConfig):
+        with pytest.raises(exc, match=match):
+            cls(schedule=schedule)
+
+
 def _ridge_forecast_np(times, feats, tq, degree, lam, t_min, t_max):
     tau = lambda t: 2 * (np.asarray(t, np.float64) - t_min) / (t_max - t_min) - 1   # noqa: E731
     X = np.polynomial.chebyshev.chebvander(tau(times), degree)

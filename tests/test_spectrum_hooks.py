@@ -90,8 +90,9 @@ def test_all_real_is_bit_identical(name):
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("config", [SpectrumConfig(num_steps=STEPS, flex_window=1.0),
                                     FORAConfig(interval=3, num_steps=STEPS),
-                                    TaylorSeerConfig(interval=3, order=2, num_steps=STEPS)],
-                         ids=["spectrum", "fora", "taylorseer"])
+                                    TaylorSeerConfig(interval=3, order=2, num_steps=STEPS),
+                                    SpectrumConfig(num_steps=STEPS, schedule=(0, 1, 2, 3, 4, 7, 8))],
+                         ids=["spectrum", "fora", "taylorseer", "spectrum-explicit"])
 def test_forecast_steps_run_no_block(name, config):
     model, x, extra = MODELS[name]()
     ref = _sample(model, x, extra)
@@ -252,3 +253,19 @@ def test_pipeline_set_timesteps_adapts_schedule():
         assert [s for s, _, k in st.calls if k == "real"] == spectrum.real_steps(n, SpectrumConfig())
     spectrum.disable(Pipe())
     assert "set_timesteps" not in sched.__dict__
+
+
+def test_explicit_schedule_refuses_another_step_count():
+    model, x, extra = _dit()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+
+    class Pipe:
+        transformer = model
+        scheduler = sched
+
+    st = spectrum.enable(Pipe(), SpectrumConfig(num_steps=10, schedule=(0, 1, 2, 3, 4, 6, 9)))
+    sched.set_timesteps(10)
+    assert st.schedule == [0, 1, 2, 3, 4, 6, 9]
+    with pytest.raises(ValueError, match="schedule is for num_steps=10, but this run has 20"):
+        sched.set_timesteps(20)
+    spectrum.disable(Pipe())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 __all__ = ["SpectrumConfig", "FORAConfig", "TaylorSeerConfig", "MODES"]
 
@@ -21,6 +21,23 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name}: expected >= {minimum}, got {value}")
+
+
+def _check_schedule(schedule: Optional[Sequence[int]], num_steps: int) -> Optional[Tuple[int, ...]]:
+    """``None`` or strictly increasing step indices in ``[0, num_steps)``, as a tuple."""
+    if schedule is None:
+        return None
+    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+        raise TypeError(f"schedule: expected a sequence of step indices, got {type(schedule).__name__}")
+    steps = tuple(schedule)
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"schedule: expected int step indices, got {s!r}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"schedule: expected strictly increasing step indices, got {list(steps)}")
+    if steps and (steps[0] < 0 or steps[-1] >= num_steps):
+        raise ValueError(f"schedule: step indices must lie in [0, num_steps={num_steps}), got {list(steps)}")
+    return steps
 
 
 def _check_real(name: str, value, minimum: float, inclusive: bool = True) -> None:
@@ -52,6 +69,9 @@ class SpectrumConfig:
             history and forecast in bf16).
         penalize_intercept: apply the ridge penalty to T_0 too (official behaviour; shrinks the
             forecast by 4-35 %, harmless before a LayerNorm-based output head).
+        schedule: explicit indices of the real (block-running) steps for ``num_steps`` steps,
+            replacing the adaptive rule (like cache-dit's ``steps_computation_mask``); ``None``:
+            the official schedule. A run with another step count then raises.
     """
 
     degree: int = 4
@@ -64,6 +84,7 @@ class SpectrumConfig:
     t_range: Optional[Tuple[float, float]] = None
     mode: str = "clean"
     penalize_intercept: bool = True
+    schedule: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         _check_int("degree", self.degree, 0)
@@ -80,6 +101,7 @@ class SpectrumConfig:
         if self.t_range is not None:
             if len(tuple(self.t_range)) != 2 or not float(self.t_range[0]) < float(self.t_range[1]):
                 raise ValueError(f"t_range: expected (t_min, t_max) with t_min < t_max, got {self.t_range!r}")
+        object.__setattr__(self, "schedule", _check_schedule(self.schedule, self.num_steps))
         if self.lam == 0.0 and self.warmup_steps < self.degree + 1:
             raise ValueError(f"lam=0 needs warmup_steps >= degree + 1 = {self.degree + 1} for a "
                              f"non-singular first fit, got warmup_steps={self.warmup_steps}")
@@ -104,16 +126,19 @@ class SpectrumConfig:
 class FORAConfig:
     """FORA (Selvaraju et al. 2024) at the last-block hook: reuse the last real feature.
 
-    ``warmup_steps`` real steps, then a real step every ``interval`` steps."""
+    ``warmup_steps`` real steps, then a real step every ``interval`` steps (or the explicit
+    ``schedule``, as in :class:`SpectrumConfig`)."""
 
     interval: int = 3
     warmup_steps: int = 5
     num_steps: int = 50
+    schedule: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("num_steps", self.num_steps, 1)
+        object.__setattr__(self, "schedule", _check_schedule(self.schedule, self.num_steps))
 
     @property
     def min_history(self) -> int:
@@ -126,18 +151,21 @@ class TaylorSeerConfig:
 
     Divided differences over the real steps up to ``order``, evaluated by the Taylor formula
     ``sum_i d_i x^i / i!`` at x = steps since the last real step. ``warmup_steps`` plays the
-    role of the official ``first_enhance``; then a real step every ``interval`` steps."""
+    role of the official ``first_enhance``; then a real step every ``interval`` steps (or the
+    explicit ``schedule``, as in :class:`SpectrumConfig`)."""
 
     interval: int = 4
     order: int = 1
     warmup_steps: int = 5
     num_steps: int = 50
+    schedule: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
         _check_int("order", self.order, 0)
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("num_steps", self.num_steps, 1)
+        object.__setattr__(self, "schedule", _check_schedule(self.schedule, self.num_steps))
 
     @property
     def min_history(self) -> int:

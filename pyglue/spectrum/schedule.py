@@ -27,10 +27,17 @@ def real_steps(num_steps: int, config: Union[SpectrumConfig, FORAConfig, TaylorS
     post-warm-up real step. 50 steps, alpha 0.75: 0,1,2,3,4,6,8,11,15,20,25,31,38,46; alpha 3.0:
     0,1,2,3,4,6,11,19,30,44.
 
-    FORA / TaylorSeer configs: see :func:`fixed_interval_steps`.
+    FORA / TaylorSeer configs: see :func:`fixed_interval_steps`. A config with an explicit
+    ``schedule`` returns it; it only fits ``config.num_steps`` steps (other counts raise).
     """
     num_steps = _check_steps(num_steps)
     config = SpectrumConfig() if config is None else config
+    explicit = getattr(config, "schedule", None)
+    if explicit is not None:
+        if num_steps != config.num_steps:
+            raise ValueError(f"num_steps: the config's explicit schedule is for num_steps={config.num_steps}, "
+                             f"but this run has {num_steps} steps; pass a schedule for {num_steps} steps")
+        return list(explicit)
     if isinstance(config, (FORAConfig, TaylorSeerConfig)):
         return fixed_interval_steps(num_steps, config.interval, config.warmup_steps)
     if not isinstance(config, SpectrumConfig):
