@@ -7,6 +7,10 @@ DiTTransformer2DModel's label embedder), AdamW + cosine schedule, EMA of the wei
 weights are saved in fp16 with ``save_pretrained`` to ``pyglue/assets/spectrum/tiny_dit``.
 
     .venv/bin/python scripts/train_spectrum_dit.py [--iters 1500] [--threads 1] [--out DIR]
+
+The defaults are the recipe of the shipped weights. The variant options (--layers,
+--image-size, --timestep-scale, --dequantize) exist for scripts/spectrum_model_study.py; what
+the sampler needs of them is recorded in training.json (see diffkern.spectrum.tiny_dit).
 """
 
 import argparse
@@ -31,6 +35,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=12.0, help="stop early past this budget")
     p.add_argument("--out", default=ASSET_DIR)
+    p.add_argument("--layers", type=int, default=MODEL_CONFIG["num_layers"], help="transformer blocks")
+    p.add_argument("--image-size", type=int, default=8, help="digits resampled to SxS (bilinear)")
+    p.add_argument("--timestep-scale", type=float, default=1000.0,
+                   help="the model sees timestep = scale * t (1000: diffusers' DiT/SD3 convention)")
+    p.add_argument("--dequantize", type=float, default=0.0,
+                   help="add U(-d, d) noise to the 17-level pixels (0.0625 = half a level)")
     args = p.parse_args()
 
     from diffusers import DiTTransformer2DModel
@@ -38,8 +48,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    images, labels = load_digits()
-    model = DiTTransformer2DModel(**MODEL_CONFIG)
+    images, labels = load_digits(args.image_size)
+    model = DiTTransformer2DModel(**{**MODEL_CONFIG, "num_layers": args.layers, "sample_size": args.image_size})
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = 100
@@ -55,10 +65,12 @@ def main() -> int:
     for it in bar:
         idx = torch.randint(0, len(images), (args.batch,), generator=g)
         x0, y = images[idx], labels[idx]
+        if args.dequantize:
+            x0 = x0 + args.dequantize * (2 * torch.rand(x0.shape, generator=g) - 1)
         eps = torch.randn(x0.shape, generator=g)
         t = torch.sigmoid(torch.randn(args.batch, generator=g))          # logit-normal times
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        v = model(xt, timestep=t * 1000.0, class_labels=y, return_dict=False)[0]
+        v = model(xt, timestep=t * args.timestep_scale, class_labels=y, return_dict=False)[0]
         loss = (v - (eps - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,7 +97,9 @@ def main() -> int:
         json.dump({"iterations": len(losses), "batch": args.batch, "lr": args.lr, "ema": args.ema,
                    "seed": args.seed, "threads": args.threads, "minutes": round(minutes, 2),
                    "final_loss_avg100": sum(losses[-100:]) / len(losses[-100:]),
-                   "parameters": n_params, "objective": "rectified flow, v = eps - x0"}, f, indent=1)
+                   "parameters": n_params, "objective": "rectified flow, v = eps - x0",
+                   "timestep_scale": args.timestep_scale, "image_size": args.image_size,
+                   "num_layers": args.layers, "dequantize": args.dequantize}, f, indent=1)
     print(f"saved EMA weights (fp16) to {args.out} after {minutes:.1f} min, "
           f"loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
     return 0

@@ -7,6 +7,7 @@ fp16) under ``diffkern/assets/spectrum/tiny_dit`` and loaded with ``from_pretrai
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Callable, Optional
@@ -14,7 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ASSET_DIR", "MODEL_CONFIG", "load_tiny_dit", "load_digits", "flow_sample", "flow_timesteps", "to_images"]
+__all__ = ["ASSET_DIR", "MODEL_CONFIG", "load_tiny_dit", "training_info", "load_digits", "flow_sample",
+           "flow_timesteps", "to_images"]
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "spectrum", "tiny_dit")
 
@@ -43,12 +45,34 @@ def load_tiny_dit(path: Optional[str] = None, dtype: torch.dtype = torch.float32
     return model.to(device).eval()
 
 
-def load_digits() -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1797 8x8 digits as ``[-1, 1]`` images ``[1797, 1, 8, 8]`` and labels."""
+# What the sampler must match and the weights' config.json does not say (older weights: defaults).
+TRAINING_DEFAULTS = {"timestep_scale": 1000.0, "image_size": 8}
+
+
+def training_info(path: Optional[str] = None) -> dict:
+    """The ``training.json`` written next to the weights by the training script, with defaults
+    for the keys the sampler needs (``timestep_scale``: model timestep = scale * t)."""
+    path = ASSET_DIR if path is None else path
+    info = dict(TRAINING_DEFAULTS)
+    f = os.path.join(path, "training.json")
+    if os.path.isfile(f):
+        with open(f) as fh:
+            info.update(json.load(fh))
+    return info
+
+
+def load_digits(image_size: int = 8) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1797 8x8 digits as ``[-1, 1]`` images ``[1797, 1, S, S]`` and labels;
+    ``image_size`` other than 8 resamples them bilinearly (smooth larger images)."""
     from sklearn.datasets import load_digits as _load
 
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 2:
+        raise ValueError(f"image_size: expected an int >= 2, got {image_size!r}")
     d = _load()
     images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    if image_size != 8:
+        images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                                                 align_corners=False)
     return images, torch.tensor(d.target, dtype=torch.long)
 
 
@@ -66,15 +90,17 @@ def flow_timesteps(num_steps: int, shift: float = 1.0) -> Tensor:
 
 @torch.no_grad()
 def flow_sample(model, noise: Tensor, labels: Tensor, num_steps: int = 50,
-                callback: Optional[Callable[[int], None]] = None, shift: float = 1.0) -> Tensor:
+                callback: Optional[Callable[[int], None]] = None, shift: float = 1.0,
+                timestep_scale: float = 1000.0) -> Tensor:
     """Rectified-flow Euler sampler: x_1 = noise, x_{t-dt} = x_t - dt v(x_t, t), t = 1 -> 0 on
     :func:`flow_timesteps` (uniform at the default ``shift=1``).
 
-    The model sees ``timestep = 1000 t`` (what it was trained with)."""
+    The model sees ``timestep = timestep_scale * t``: what it was trained with (1000 for the
+    shipped weights, as diffusers' DiT/SD3 pipelines; see :func:`training_info`)."""
     x = noise
     ts = flow_timesteps(num_steps, shift)
     for i in range(num_steps):
-        t = torch.full((x.shape[0],), float(ts[i]) * 1000.0, dtype=x.dtype, device=x.device)
+        t = torch.full((x.shape[0],), float(ts[i]) * timestep_scale, dtype=x.dtype, device=x.device)
         v = model(x, timestep=t, class_labels=labels, return_dict=False)[0]
         x = x + float(ts[i + 1] - ts[i]) * v
         if callback is not None:
