@@ -1,6 +1,7 @@
 """The shipped tiny DiT and `diffkern demo spectrum` (small settings; nothing is trained)."""
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -53,9 +54,10 @@ def test_demo_cli_contract(tmp_path):
     out = tmp_path / "r.json"
     png = tmp_path / "g.png"
     args = parser.parse_args(["--json", str(out), "--png", str(png), "--batch", "4", "--steps", "20",
-                              "--repeats", "1", "--no-progress"])
+                              "--repeats", "1", "--no-progress", "--cross"])
     assert demo.run(args) == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [r["method"] for r in rows] == ["full", "spectrum-a0.75", "spectrum-a3", "taylorseer-n4-o1",
                                            "taylorseer-n6-o1", "taylorseer-n4-o2", "fora-n3", "fora-n6"]
     for r in rows:
@@ -66,6 +68,41 @@ def test_demo_cli_contract(tmp_path):
         assert r["nfe"] == len(spectrum.real_steps(20, cfgs[r["method"]]))
         assert r["rel_l2"] > 0 and r["psnr"] > 0
     assert png.stat().st_size > 0
+    # --cross: each forecaster on each method's real steps; the diagonal cells are the rows
+    cross = result["cross"]
+    assert list(cross["psnr"]) == list(demo.CROSS_FORECASTERS)
+    assert cross["nfe"] == {name: len(spectrum.real_steps(20, dataclasses.replace(c, num_steps=20)))
+                            for name, c in demo.CROSS_SCHEDULES.items()}
+    by_method = {r["method"]: r["psnr"] for r in rows}
+    assert cross["psnr"]["chebyshev"]["spectrum-a0.75"] == pytest.approx(by_method["spectrum-a0.75"], rel=1e-9)
+    assert cross["psnr"]["taylor-o1"]["taylorseer-n4"] == pytest.approx(by_method["taylorseer-n4-o1"], rel=1e-9)
+    assert cross["psnr"]["reuse (fora)"]["taylorseer-n6"] == pytest.approx(by_method["fora-n6"], rel=1e-9)
+
+
+def test_training_info_and_digit_sizes(tmp_path):
+    shipped = tiny_dit.training_info()
+    assert shipped["timestep_scale"] == 1000.0 and shipped["image_size"] == 8
+    assert tiny_dit.training_info(str(tmp_path)) == tiny_dit.TRAINING_DEFAULTS   # older weights
+    (tmp_path / "training.json").write_text(json.dumps({"timestep_scale": 1.0}))
+    assert tiny_dit.training_info(str(tmp_path))["timestep_scale"] == 1.0
+    x8, y = tiny_dit.load_digits()
+    x16, y16 = tiny_dit.load_digits(16)
+    assert x8.shape == (1797, 1, 8, 8) and x16.shape == (1797, 1, 16, 16) and torch.equal(y, y16)
+    assert x8.min() == -1 and x8.max() == 1 and -1 <= x16.min() and x16.max() <= 1
+    for bad in (1, 8.0, True):
+        with pytest.raises(ValueError, match="image_size"):
+            tiny_dit.load_digits(bad)
+
+
+def test_flow_sample_passes_the_timestep_scale():
+    seen = []
+
+    def model(x, timestep, class_labels, return_dict):
+        seen.append(float(timestep[0]))
+        return (torch.zeros_like(x),)
+
+    tiny_dit.flow_sample(model, torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), 4, timestep_scale=1.0)
+    assert seen == [1.0, 0.75, 0.5, 0.25]
 
 
 def test_metrics():

@@ -12,6 +12,7 @@ with ``--json``, ``{"rows": [{"method", "nfe", "speedup", "psnr", "ssim", "rel_l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -23,9 +24,11 @@ import torch.nn.functional as F
 
 from . import hooks
 from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
-from .tiny_dit import flow_sample, load_tiny_dit, to_images
+from .schedule import real_steps
+from .tiny_dit import flow_sample, load_tiny_dit, to_images, training_info
 
-__all__ = ["add_arguments", "run", "METHODS", "psnr", "ssim"]
+__all__ = ["add_arguments", "run", "METHODS", "CROSS_SCHEDULES", "CROSS_FORECASTERS", "cross_study",
+           "psnr", "ssim"]
 
 
 def METHODS(steps: int) -> Dict[str, Optional[object]]:
@@ -39,6 +42,38 @@ def METHODS(steps: int) -> Dict[str, Optional[object]]:
         "fora-n3": FORAConfig(interval=3, num_steps=steps),
         "fora-n6": FORAConfig(interval=6, num_steps=steps),
     }
+
+
+# --cross: every forecaster on every method's real steps, to tell the forecast rule's share of
+# the error from the schedule's (the methods' rows change both at once).
+CROSS_SCHEDULES = {"spectrum-a0.75": SpectrumConfig(flex_window=0.75), "spectrum-a3": SpectrumConfig(flex_window=3.0),
+                   "taylorseer-n4": TaylorSeerConfig(interval=4), "taylorseer-n6": TaylorSeerConfig(interval=6)}
+CROSS_FORECASTERS = {"chebyshev": SpectrumConfig(), "chebyshev-w0.5": SpectrumConfig(blend=0.5),
+                     "taylor-o1": TaylorSeerConfig(order=1), "taylor-o2": TaylorSeerConfig(order=2),
+                     "reuse (fora)": FORAConfig()}
+
+
+def cross_study(sample, ref: torch.Tensor, steps: int) -> dict:
+    """PSNR against ``ref`` of ``sample(config)`` for each forecaster on each schedule."""
+    sched = {name: tuple(real_steps(steps, dataclasses.replace(c, num_steps=steps)))
+             for name, c in CROSS_SCHEDULES.items()}
+    ref_img = to_images(ref)
+    table = {}
+    for fname, fcfg in CROSS_FORECASTERS.items():
+        table[fname] = {}
+        for sname, steps_real in sched.items():
+            p = psnr(to_images(sample(dataclasses.replace(fcfg, num_steps=steps, schedule=steps_real))), ref_img)
+            table[fname][sname] = None if math.isinf(p) else p
+    return {"nfe": {k: len(v) for k, v in sched.items()}, "psnr": table}
+
+
+def _print_cross(cross: dict) -> None:
+    nfe = cross["nfe"]
+    print("\n--cross: PSNR (dB) of each forecaster on each method's real steps (NFE in brackets)")
+    print(f"{'forecaster':<16}" + "".join(f"{name + ' (' + str(n) + ')':>22}" for name, n in nfe.items()))
+    for fname, row in cross["psnr"].items():
+        cells = ("inf" if row[name] is None else f"{row[name]:.2f}" for name in nfe)
+        print(f"{fname:<16}" + "".join(f"{c:>22}" for c in cells))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed runs per method; the fastest is reported (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--weights", default=None, help="model directory (default: shipped weights)")
+    parser.add_argument("--cross", action="store_true",
+                        help="also run every forecaster on every method's real steps (untimed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -109,7 +146,7 @@ def _grid(samples: Dict[str, torch.Tensor], path: str, n: int = 16) -> None:
     names = list(samples)
     fig, axes = plt.subplots(len(names), 1, figsize=(n * 0.5 + 1.6, len(names) * 0.62))
     for ax, name in zip(axes, names):
-        imgs = to_images(samples[name][:n])[:, 0]                          # [n, 8, 8]
+        imgs = to_images(samples[name][:n])[:, 0]                          # [n, S, S]
         row = torch.cat([torch.nn.functional.pad(im, (1, 1, 1, 1), value=1.0) for im in imgs], 1)
         ax.imshow(row.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
@@ -125,13 +162,16 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_tiny_dit(args.weights)
+    scale = float(training_info(args.weights)["timestep_scale"])
+    size = int(model.config.sample_size)
     g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(args.batch, 1, 8, 8, generator=g)
+    noise = torch.randn(args.batch, model.config.in_channels, size, size, generator=g)
     labels = torch.arange(args.batch) % 10
     steps = args.steps
     methods = METHODS(steps)
 
-    total = len(methods) * (args.repeats + 1) * steps
+    cross_runs = len(CROSS_FORECASTERS) * len(CROSS_SCHEDULES) if args.cross else 0
+    total = (len(methods) * (args.repeats + 1) + cross_runs) * steps
     bar = tqdm(total=total, desc="spectrum demo", disable=args.no_progress, mininterval=0.5)
     samples: Dict[str, torch.Tensor] = {}
     best: Dict[str, float] = {n: math.inf for n in methods}
@@ -145,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
             hooks.enable(model, config, shadow=shadow_on)
             hooks.reset(model, steps)
         t0 = time.perf_counter()
-        out = flow_sample(model, noise, labels, steps, callback=lambda i: bar.update(1), shift=args.shift)
+        out = flow_sample(model, noise, labels, steps, callback=lambda i: bar.update(1), shift=args.shift,
+                          timestep_scale=scale)
         elapsed = time.perf_counter() - t0
         st = getattr(model, hooks._ATTR, None)
         return out, elapsed, st
@@ -162,10 +203,11 @@ def run(args: argparse.Namespace) -> int:
         _, _, st = one(name, config, shadow_on=config is not None)
         if st is not None:
             shadow[name] = [[s, e] for s, g_, e in st.shadow_errors if g_ == 0]
+    cross = cross_study(lambda c: one("cross", c)[0], samples["full"], steps) if args.cross else None
     bar.close()
 
     # forecast cost vs one transformer forward (same batch), measured on the last histories
-    t_mid = torch.full((args.batch,), 500.0)
+    t_mid = torch.full((args.batch,), 0.5 * scale)
     hooks.disable(model)
     with torch.no_grad():
         forward_s = _median_time(lambda: model(noise, timestep=t_mid, class_labels=labels))
@@ -173,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("spectrum-a0.75", "spectrum-a3", "taylorseer-n4-o2", "fora-n3"):
         st = hooks.enable(model, methods[name])
         hooks.reset(model, steps)
-        flow_sample(model, noise, labels, steps, shift=args.shift)
+        flow_sample(model, noise, labels, steps, shift=args.shift, timestep_scale=scale)
         predict_s = _median_time(lambda: st.cache.predict(0, steps - 1))
         cost[name] = {"forecast_ms": predict_s * 1e3, "fraction_of_forward": predict_s / forward_s,
                       "history": st.cache.recorded(0)}
@@ -204,14 +246,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"one transformer forward: {cost['forward_ms']:.2f} ms; one forecast: " + ", ".join(
         f"{k} {v['forecast_ms']:.3f} ms ({100 * v['fraction_of_forward']:.2f} %)"
         for k, v in cost.items() if isinstance(v, dict)))
+    if cross is not None:
+        _print_cross(cross)
     if args.png:
         _grid(samples, args.png)
         print(f"sample grid: {args.png}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "shadow": shadow, "forecast_cost": cost,
+            json.dump({"rows": rows, "shadow": shadow, "forecast_cost": cost, "cross": cross,
                        "config": {"batch": args.batch, "steps": steps, "shift": args.shift, "seed": args.seed,
-                                  "threads": torch.get_num_threads(), "repeats": args.repeats}},
+                                  "threads": torch.get_num_threads(), "repeats": args.repeats,
+                                  "weights": args.weights or "shipped", "timestep_scale": scale}},
                       f, indent=1)
         print(f"json: {args.json}")
     return 0
