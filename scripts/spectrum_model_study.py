@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does Spectrum's ranking against TaylorSeer/FORA depend on the tiny DiT? (CPU, ~40 minutes)
+"""Does Spectrum's ranking against TaylorSeer/FORA depend on the tiny DiT? (CPU, ~30 minutes)
 
 Trains variants of the shipped tiny DiT's recipe with scripts/train_spectrum_dit.py (one thread
 each, ``--jobs`` at a time), runs ``diffkern demo spectrum --cross`` on each and on the shipped
