@@ -7,6 +7,8 @@ samples against the full-compute samples of the same seed, the per-step "shadow"
 (at every post-warm-up real step: forecast first, then compare with the real feature) and the
 cost of one forecast as a fraction of one transformer forward. Writes a PNG grid of samples and,
 with ``--json``, ``{"rows": [{"method", "nfe", "speedup", "psnr", "ssim", "rel_l2"}, ...], ...}``.
+``--cross`` adds the PSNR of every forecast rule on every method's real steps (JSON ``"cross"``);
+``--weights DIR`` measures other weights from scripts/train_spectrum_dit.py.
 """
 
 from __future__ import annotations
