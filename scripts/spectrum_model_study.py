@@ -70,7 +70,7 @@ def roughness(weights: str, batch: int = 64, steps: int = 50) -> float:
     steps 10..40 of a full-compute run: ~0 for a smooth trajectory, ~1.7 for white noise."""
     model = load_tiny_dit(weights)
     size = int(model.config.sample_size)
-    noise = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(batch, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     feats = []
     hook = model.norm_out.register_forward_pre_hook(lambda m, a: feats.append(a[0].double()))
     flow_sample(model, noise, torch.arange(batch) % 10, steps,

@@ -46,7 +46,7 @@ def load_tiny_dit(path: Optional[str] = None, dtype: torch.dtype = torch.float32
 
 
 # What the sampler must match and the weights' config.json does not say (older weights: defaults).
-TRAINING_DEFAULTS = {"timestep_scale": 1000.0, "image_size": 8}
+TRAINING_DEFAULTS = {"timestep_scale": 1000.0}
 
 
 def training_info(path: Optional[str] = None) -> dict:
