@@ -71,14 +71,13 @@ from torch import Tensor
 
 from .. import _extension
 from .._dispatch import Operator
-from . import _checks
+from . import _checks, philox
 
 __all__ = ["poe_draft", "poe_verify", "product_of_experts", "PoEVerifyResult", "philox_uniforms",
            "TAG_DRAFT", "TAG_ACCEPT", "TAG_RESIDUAL"]
 
-TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL = 1, 2, 3
+TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL = (philox.TAGS[k] for k in ("poe_draft", "poe_accept", "poe_residual"))
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_M32 = 0xFFFFFFFF
 
 
 class PoEVerifyResult(NamedTuple):
@@ -88,43 +87,10 @@ class PoEVerifyResult(NamedTuple):
     corrected: Tensor      # [B, K] bool: num_accepted < W (a residual token was emitted)
 
 
-# --------------------------------------------------------------------------------------------
-# Counter-based Philox-4x32-10 (torch, int64 lanes holding uint32 values)
-# --------------------------------------------------------------------------------------------
-
-_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-
-
-def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(hi, lo) 32-bit halves of a * b for a constant a < 2^32 and uint32 lanes b (no overflow)."""
-    x = a * (b >> 16)              # < 2^48
-    y = a * (b & 0xFFFF)           # < 2^48
-    hi = (x + (y >> 16)) >> 16
-    lo = (((x & 0xFFFF) << 16) + y) & _M32
-    return hi & _M32, lo
-
-
-def _philox(k0: int, k1: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor):
-    for _ in range(10):
-        hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + _PHILOX_W0) & _M32, (k1 + _PHILOX_W1) & _M32
-    return c0, c1, c2, c3
-
-
 def philox_uniforms(seed: int, offset: int, tag: int, rows: int, cols: int,
                     device: Union[str, torch.device] = "cpu") -> Tensor:
     """``[rows, cols]`` float64 uniforms in (0, 1) of the stream (seed, offset, tag) (see module doc)."""
-    seed &= (1 << 64) - 1
-    r = torch.arange(rows, dtype=torch.int64, device=device).view(-1, 1).expand(rows, cols)
-    c = torch.arange(cols, dtype=torch.int64, device=device).view(1, -1).expand(rows, cols)
-    c2 = torch.full_like(r, offset & _M32)
-    c3 = torch.full_like(r, ((offset >> 32) & 0x0FFFFFFF) | (tag << 28))
-    x0, x1, _, _ = _philox(seed & _M32, seed >> 32, c.clone(), r.clone(), c2, c3)
-    m = ((x1 >> 12) << 32) | x0
-    return (2 * m + 1).to(torch.float64) * 2.0 ** -53
+    return philox.uniforms(seed, offset, tag, rows, cols, device=device)
 
 
 # --------------------------------------------------------------------------------------------
