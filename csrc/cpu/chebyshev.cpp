@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -97,11 +98,14 @@ struct CombineArgs {
 // One tile of kTile elements for a block of QN outputs. All K input rows are read in
 // lockstep, so each row is one sequential stream the hardware prefetcher follows (a
 // row-at-a-time order restarts it at every page), and the QN x 4 accumulators stay in registers.
+// bf16 rows are read as even/odd pairs (vec16.h's load32_pairs: no shuffles, the conversion
+// is two integer ops per 16 elements); the outputs are written back in element order.
 template <int QN, bool Streaming, typename Tin, typename Tout>
 inline __attribute__((always_inline)) void combine_full_tile(const CombineArgs<Tin, Tout>& a, int64_t s,
                                                              int64_t q0, int64_t n) {
   using cpu::v16f;
   constexpr int kVecs = kTile / 16;
+  constexpr bool kPairs = std::is_same_v<Tin, bf16_t>;  // acc[q][2p], acc[q][2p+1]: even, odd of 32
   v16f acc[QN][kVecs];
   for (int q = 0; q < QN; ++q)
     for (int v = 0; v < kVecs; ++v) acc[q][v] = v16f{};
@@ -112,7 +116,11 @@ inline __attribute__((always_inline)) void combine_full_tile(const CombineArgs<T
     const char* ahead = reinterpret_cast<const char*>(x) + kPrefetchBytes;
     for (size_t line = 0; line < kTile * sizeof(Tin); line += 64) __builtin_prefetch(ahead + line);
     v16f xv[kVecs];
-    for (int v = 0; v < kVecs; ++v) xv[v] = cpu::load16(x + 16 * v);
+    if constexpr (kPairs) {
+      for (int v = 0; v < kVecs; v += 2) cpu::load32_pairs(x + 16 * v, xv[v], xv[v + 1]);
+    } else {
+      for (int v = 0; v < kVecs; ++v) xv[v] = cpu::load16(x + 16 * v);
+    }
     for (int q = 0; q < QN; ++q) {
       const float wq = w[q * a.K + k];
       for (int v = 0; v < kVecs; ++v) acc[q][v] += wq * xv[v];  // contracted to FMA (-ffp-contract=fast)
@@ -120,9 +128,16 @@ inline __attribute__((always_inline)) void combine_full_tile(const CombineArgs<T
   }
   for (int q = 0; q < QN; ++q) {
     Tout* y = a.out + (s * a.Q + q0 + q) * a.N + n;
-    for (int v = 0; v < kVecs; ++v) {
-      if constexpr (Streaming) cpu::stream16(y + 16 * v, acc[q][v]);
-      else cpu::store16(y + 16 * v, acc[q][v]);
+    if constexpr (kPairs) {
+      for (int v = 0; v < kVecs; v += 2) {
+        if constexpr (Streaming) cpu::stream32_pairs(y + 16 * v, acc[q][v], acc[q][v + 1]);
+        else cpu::store32_pairs(y + 16 * v, acc[q][v], acc[q][v + 1]);
+      }
+    } else {
+      for (int v = 0; v < kVecs; ++v) {
+        if constexpr (Streaming) cpu::stream16(y + 16 * v, acc[q][v]);
+        else cpu::store16(y + 16 * v, acc[q][v]);
+      }
     }
   }
 }

@@ -37,6 +37,20 @@ DK_HD v16f load16(const T* p) {  // half, double: element-wise (not a performanc
 
 DK_HD void store16(float* p, v16f v) { *reinterpret_cast<v16f*>(p) = v; }
 
+// ---- bf16 pairs: 32 bf16 as two v16f without any cross-lane shuffle ----------------------
+// A 32-bit lane of 32 packed bf16 holds elements (2i, 2i+1): the low half shifted up is
+// float(x[2i]), the high half masked is float(x[2i+1]). Converting 16 bf16 to 16 contiguous
+// floats instead takes a widening shuffle per 8 elements (vpmovzxwd and lane inserts, the
+// shuffle port's work), which made one core's bf16 combination compute-bound.
+
+// even[i] = float(p[2i]), odd[i] = float(p[2i + 1]), i < 16.
+DK_HD void load32_pairs(const bf16_t* p, v16f& even, v16f& odd) {
+  v16u w;
+  __builtin_memcpy(&w, p, sizeof(w));  // unaligned: rows may start at any element
+  even = (v16f)(w << 16);
+  odd = (v16f)(w & 0xffff0000u);
+}
+
 // Round to nearest even; NaN -> quiet NaN (same rule as from_float<bf16_t>).
 DK_HD v16h to_bf16_bits(v16f v) {
   const v16u u = (v16u)v;  // vector casts are bitcasts
@@ -46,6 +60,41 @@ DK_HD v16h to_bf16_bits(v16f v) {
 }
 
 DK_HD void store16(bf16_t* p, v16f v) { *reinterpret_cast<v16h*>(p) = to_bf16_bits(v); }
+
+// Round to nearest even into the bf16 bits of each 32-bit lane (low 16 bits of the result hold
+// nothing useful for `odd`, the high 16 nothing for `even`): the pair word is rounded(even) >> 16
+// | rounded(odd) & 0xffff0000, the layout load32_pairs reads.
+DK_HD v16u bf16_round_bits(v16f v) {
+  const v16u u = (v16u)v;
+  const v16u rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  const v16i is_nan = (v16i)(u & 0x7fffffffu) > 0x7f800000;
+  return is_nan ? v16u{} + 0x7fc00000u : rounded;
+}
+
+DK_HD v16u bf16_pair_words(v16f even, v16f odd) {
+  return (bf16_round_bits(even) >> 16) | (bf16_round_bits(odd) & 0xffff0000u);
+}
+
+// p[2i] = even[i], p[2i + 1] = odd[i] for 32 outputs of any type.
+DK_HD void store32_pairs(bf16_t* p, v16f even, v16f odd) {
+  const v16u w = bf16_pair_words(even, odd);
+  __builtin_memcpy(p, &w, sizeof(w));
+}
+
+DK_HD void store32_pairs(float* p, v16f even, v16f odd) {
+  const v16i lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const v16i hi = lo + 8;
+  store16(p, __builtin_shuffle(even, odd, lo));
+  store16(p + 16, __builtin_shuffle(even, odd, hi));
+}
+
+template <typename T>
+DK_HD void store32_pairs(T* p, v16f even, v16f odd) {
+  for (int i = 0; i < 16; ++i) {
+    p[2 * i] = from_float<T>(even[i]);
+    p[2 * i + 1] = from_float<T>(odd[i]);
+  }
+}
 
 template <typename T>
 DK_HD void store16(T* p, v16f v) {
@@ -65,10 +114,26 @@ DK_TARGET_AVX512 inline void stream16(bf16_t* p, v16f v) {
 
 template <typename T> DK_TARGET_AVX512 inline void stream16(T* p, v16f v) { store16(p, v); }
 
+DK_TARGET_AVX512 inline void stream32_pairs(bf16_t* p, v16f even, v16f odd) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), (__m512i)bf16_pair_words(even, odd));
+}
+
+DK_TARGET_AVX512 inline void stream32_pairs(float* p, v16f even, v16f odd) {
+  const v16i lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const v16i hi = lo + 8;
+  stream16(p, __builtin_shuffle(even, odd, lo));
+  stream16(p + 16, __builtin_shuffle(even, odd, hi));
+}
+
+template <typename T> DK_TARGET_AVX512 inline void stream32_pairs(T* p, v16f even, v16f odd) {
+  store32_pairs(p, even, odd);
+}
+
 DK_TARGET_AVX512 inline void stream_fence() { _mm_sfence(); }
 #else
 template <typename T> inline constexpr bool kCanStream = false;
 template <typename T> inline void stream16(T* p, v16f v) { store16(p, v); }
+template <typename T> inline void stream32_pairs(T* p, v16f even, v16f odd) { store32_pairs(p, even, odd); }
 inline void stream_fence() {}
 #endif
 
