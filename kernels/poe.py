@@ -41,11 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["draft", "verify", "combine", "KERNELS"]
+__all__ = ["poe_draft", "poe_verify", "product_of_experts"]
 
-# Column layout of the per-row statistics buffer of the verify pass (float32).
-_S_LQ, _S_LP, _S_LA, _S_LD, _S_LR, _S_LSE_D, _S_LSE_P, _S_LSE_A = range(8)
-_NSTATS = 8
+# Columns of the per-row statistics buffer of the verify pass (float32 [R, _NSTATS]): log q(x),
+# log p(x), log a(x), l_D(x), l_AR(x), and the log-sum-exps of the proposal, the PoE and the AR target.
+_S_LQ, _S_LP, _S_LA, _S_LD, _S_LR, _S_LSE_D, _S_LSE_P, _S_LSE_A = (tl.constexpr(i) for i in range(8))
+_NSTATS = tl.constexpr(8)
+# Per-row flags of each logits input, laid out as diffkern.ops.poe's status (poe.h LogitStatus):
+# [rows, inputs, _NFLAGS] counts of (NaN, +inf, entirely -inf), summed over the rows by the launchers.
+_F_NAN, _F_PINF, _F_EMPTY = (tl.constexpr(i) for i in range(3))
+_NFLAGS = tl.constexpr(3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +71,12 @@ def _clean(x):
     """float32, NaN -> -inf (masked token)."""
     x = x.to(tl.float32)
     return tl.where(x != x, float("-inf"), x)
+
+
+@triton.jit
+def _not_finite(x):
+    """1 where x is +-inf or NaN (a log-sum-exp of a row with no finite logit), else 0 (int32)."""
+    return ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
 
 
 @triton.jit
@@ -284,19 +295,22 @@ def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags
     lx = _clean(tl.load(dlm_ptr + base_d + xtok, mask=rmask, other=0.0))
     ly = _clean(tl.load(ar_ptr + base_a + xtok, mask=rmask, other=0.0))
     plx = _weighted(cd, lx) + _weighted(ca, ly)
-    so = stats_ptr + rows_c * 8
-    tl.store(so + 1, plx * inv_t - lse_p, mask=rmask)     # log p(x)
-    tl.store(so + 2, ly * inv_ts - lse_a, mask=rmask)     # log a(x)
-    tl.store(so + 3, lx, mask=rmask)
-    tl.store(so + 4, ly, mask=rmask)
-    tl.store(so + 5, lse_d, mask=rmask)
-    tl.store(so + 6, lse_p, mask=rmask)
-    tl.store(so + 7, lse_a, mask=rmask)
-    fo = flags_ptr + rows_c * 4
-    tl.store(fo + 0, nan_d, mask=rmask)
-    tl.store(fo + 1, inf_d, mask=rmask)
-    tl.store(fo + 2, nan_a, mask=rmask)
-    tl.store(fo + 3, inf_a, mask=rmask)
+    so = stats_ptr + rows_c * _NSTATS
+    tl.store(so + _S_LP, plx * inv_t - lse_p, mask=rmask)
+    tl.store(so + _S_LA, ly * inv_ts - lse_a, mask=rmask)
+    tl.store(so + _S_LD, lx, mask=rmask)
+    tl.store(so + _S_LR, ly, mask=rmask)
+    tl.store(so + _S_LSE_D, lse_d, mask=rmask)
+    tl.store(so + _S_LSE_P, lse_p, mask=rmask)
+    tl.store(so + _S_LSE_A, lse_a, mask=rmask)
+    fo = flags_ptr + rows_c * (3 * _NFLAGS)             # inputs: dlm_logits, ar_logits, the PoE logits
+    tl.store(fo + _F_NAN, nan_d, mask=rmask)
+    tl.store(fo + _F_PINF, inf_d, mask=rmask)
+    tl.store(fo + _F_EMPTY, _not_finite(lse_d), mask=rmask)
+    tl.store(fo + _NFLAGS + _F_NAN, nan_a, mask=rmask)
+    tl.store(fo + _NFLAGS + _F_PINF, inf_a, mask=rmask)
+    tl.store(fo + _NFLAGS + _F_EMPTY, _not_finite(lse_a), mask=rmask)
+    tl.store(fo + 2 * _NFLAGS + _F_EMPTY, _not_finite(lse_p), mask=rmask)
     # log q(x) last: the nucleus select's passes run with little else live
     if NUCLEUS:   # q = the nucleus draft drew from; its descriptor is kept for the residual pass
         # masked by m_raw rather than rmask: a predicate kept across the select's loops spills
@@ -313,7 +327,7 @@ def _verify_rows_kernel(dlm_ptr, ar_ptr, drafts_ptr, temps_ptr, stats_ptr, flags
     else:
         live = rmask
         log_q = tl.where(lx > float("-inf"), lx * inv_t - lse_d, float("-inf"))
-    tl.store(so + 0, log_q, mask=live)
+    tl.store(so + _S_LQ, log_q, mask=live)
 
 
 @triton.jit
@@ -326,12 +340,12 @@ def _verify_scan_kernel(stats_ptr, u_ptr, nacc_ptr, term_ptr, BK, W,
     m2 = bmask[:, None] & (jj < W)[None, :]
     bk_c = tl.where(bmask, bk, 0).to(tl.int64)
     row = bk_c[:, None] * W + jj[None, :]
-    so = stats_ptr + row * 8
-    log_q = tl.load(so + 0, mask=m2, other=float("-inf")).to(tl.float64)
-    log_p = tl.load(so + 1, mask=m2, other=0.0).to(tl.float64)
-    log_a = tl.load(so + 2, mask=m2, other=0.0).to(tl.float64)
-    ld = tl.load(so + 3, mask=m2, other=0.0).to(tl.float64)
-    lr = tl.load(so + 4, mask=m2, other=0.0).to(tl.float64)
+    so = stats_ptr + row * _NSTATS
+    log_q = tl.load(so + _S_LQ, mask=m2, other=float("-inf")).to(tl.float64)
+    log_p = tl.load(so + _S_LP, mask=m2, other=0.0).to(tl.float64)
+    log_a = tl.load(so + _S_LA, mask=m2, other=0.0).to(tl.float64)
+    ld = tl.load(so + _S_LD, mask=m2, other=0.0).to(tl.float64)
+    lr = tl.load(so + _S_LR, mask=m2, other=0.0).to(tl.float64)
     u = tl.load(u_ptr + bk_c[:, None] * (W + 1) + jj[None, :], mask=m2, other=0.5)
     accept = (log_q > float("-inf")) & (tl.log(u) < log_p - log_q)
     first_rej = tl.min(tl.where(m2 & ~accept, jj[None, :], W), axis=1)
@@ -374,9 +388,9 @@ def _verify_residual_kernel(dlm_ptr, ar_ptr, temps_ptr, stats_ptr, nkey_ptr, nva
     d_row = dlm_ptr + b * dB + k * dK + j * dW
     a_row = ar_ptr + b * aB + k * aK + j * aW
     row = bk_c * W + j
-    lse_d = tl.load(stats_ptr + row * 8 + 5, mask=live, other=0.0)
-    lse_p = tl.load(stats_ptr + row * 8 + 6, mask=live, other=0.0)
-    lse_a = tl.load(stats_ptr + row * 8 + 7, mask=live, other=0.0)
+    lse_d = tl.load(stats_ptr + row * _NSTATS + _S_LSE_D, mask=live, other=0.0)
+    lse_p = tl.load(stats_ptr + row * _NSTATS + _S_LSE_P, mask=live, other=0.0)
+    lse_a = tl.load(stats_ptr + row * _NSTATS + _S_LSE_A, mask=live, other=0.0)
     T = tl.load(temps_ptr + bk_c, mask=live, other=1.0)
     inv_t = 1.0 / T
     inv_ts = tl.where(inv_t_star > 0, inv_t_star + 0.0 * inv_t, inv_t)
@@ -498,9 +512,9 @@ def _draft_kernel(logits_ptr, temps_ptr, u_ptr, tok_ptr, logq_ptr, flags_ptr,
         log_q = lx * inv_t - (m + tl.log(s))
     tl.store(tok_ptr + rows_c, xtok.to(tl.int64), mask=rmask)
     tl.store(logq_ptr + rows_c, log_q, mask=rmask)
-    tl.store(flags_ptr + rows_c * 3 + 0, nan, mask=rmask)
-    tl.store(flags_ptr + rows_c * 3 + 1, pinf, mask=rmask)
-    tl.store(flags_ptr + rows_c * 3 + 2, (m == float("-inf")).to(tl.int32), mask=rmask)
+    tl.store(flags_ptr + rows_c * _NFLAGS + _F_NAN, nan, mask=rmask)
+    tl.store(flags_ptr + rows_c * _NFLAGS + _F_PINF, pinf, mask=rmask)
+    tl.store(flags_ptr + rows_c * _NFLAGS + _F_EMPTY, (m == float("-inf")).to(tl.int32), mask=rmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,15 +585,6 @@ def _combine_kernel(p0, p1, p2, p3, part_ptr, out_ptr, R, V, rs0, rs1, rs2, rs3,
             tl.store(out_ptr + rows_c[:, None] * V + cols[None, :], acc, mask=m2)
 
 
-KERNELS = {
-    "verify_rows": _verify_rows_kernel,
-    "verify_scan": _verify_scan_kernel,
-    "verify_residual": _verify_residual_kernel,
-    "draft": _draft_kernel,
-    "combine": _combine_kernel,
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch helpers
 # ---------------------------------------------------------------------------------------------
@@ -605,17 +610,9 @@ def _select_tile(t: torch.Tensor, bv: int) -> int:
     return bv if _interpreted(t) else min(bv, 256)
 
 
-def _raise_flags(name: str, nan: int, pinf: int, empty: int, allow_nan: bool) -> None:
-    if pinf:
-        raise ValueError(f"{name}: contains +inf logits (only -inf, i.e. masked tokens, are legal)")
-    if nan and not allow_nan:
-        raise ValueError(f"{name}: contains NaN logits; pass allow_nan=True to treat NaN as -inf (masked)")
-    if empty:
-        raise ValueError(f"{name}: every row needs at least one finite logit; a row is entirely -inf")
-
-
-def draft(dlm_logits, temperatures, top_p, uniforms, allow_nan):
-    """poe_draft backend: ``(tokens [B, K, W] int64, log_q [B, K, W] float32)``."""
+def poe_draft(dlm_logits, temperatures, top_p, uniforms, allow_nan):
+    """poe_draft backend: ``(tokens [B, K, W] int64, log_q [B, K, W] float32, status [1, 3])``
+    (diffkern.ops.poe raises from the status and returns the rest)."""
     x = dlm_logits if dlm_logits.stride(-1) == 1 else dlm_logits.contiguous()
     B, W, V = x.shape
     K = temperatures.shape[1]
@@ -625,19 +622,20 @@ def draft(dlm_logits, temperatures, top_p, uniforms, allow_nan):
     R = B * K * W
     tokens = torch.empty(B, K, W, dtype=torch.int64, device=dev)
     log_q = torch.empty(B, K, W, dtype=torch.float32, device=dev)
-    flags = torch.zeros(R, 3, dtype=torch.int32, device=dev)
+    flags = torch.zeros(R, 1, _NFLAGS, dtype=torch.int32, device=dev)
     br, bv, nw = _tiles(x, R, V)
     _draft_kernel[(triton.cdiv(R, br),)](x, temps, u, tokens, log_q, flags, R, K, W, V,
                                          x.stride(0), x.stride(1), float(top_p), NUCLEUS=top_p < 1.0,
                                          BLOCK_R=br, BLOCK_V=bv, BLOCK_S=_select_tile(x, bv), num_warps=nw)
-    f = flags.sum(0).tolist()
-    _raise_flags("dlm_logits", f[0], f[1], f[2], allow_nan)
-    return tokens, log_q
+    return tokens, log_q, flags.sum(0)
 
 
-def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weight, top_p,
-           target_temperature, uniforms, parity, allow_nan):
-    """poe_verify backend: ``(num_accepted, tokens, log_weights, corrected)`` (see diffkern.ops.poe)."""
+def poe_verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weight, top_p,
+               target_temperature, uniforms, parity, allow_nan):
+    """poe_verify backend: ``(num_accepted [B, K], residual token [B, K] (-1: none), accepted-prefix
+    term [B, K] float64, residual-token term [B, K] float64, status [3, 3])``; diffkern.ops.poe
+    raises from the status and finishes (corrected tokens, parity mean, incoming log-weights).
+    No host synchronisation: rows that fail the status are computed without faulting and discarded."""
     nucleus = top_p < 1.0 and not parity      # parity verifies against the full softmax
     d = dlm_logits if dlm_logits.stride(-1) == 1 else dlm_logits.contiguous()   # stride-0 K kept
     a = ar_logits if ar_logits.stride(-1) == 1 else ar_logits.contiguous()
@@ -649,8 +647,8 @@ def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weigh
     R, BK = B * K * W, B * K
     w = float(weight)
     t_star = 1.0 / float(target_temperature) if target_temperature > 0 else 0.0   # 1/T* (0: T_k)
-    stats = torch.empty(R, _NSTATS, dtype=torch.float32, device=dev)
-    flags = torch.zeros(R, 4, dtype=torch.int32, device=dev)
+    stats = torch.empty(R, _NSTATS.value, dtype=torch.float32, device=dev)
+    flags = torch.zeros(R, 3, _NFLAGS, dtype=torch.int32, device=dev)   # dlm_logits, ar_logits, PoE logits
     # nucleus descriptor per row: (threshold key, last kept tie id), (max l_D, nucleus mass)
     nkey = torch.empty(R if nucleus else 1, 2, dtype=torch.int64, device=dev)
     nval = torch.empty(R if nucleus else 1, 2, dtype=torch.float64, device=dev)
@@ -659,18 +657,6 @@ def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weigh
         d, a, drafts, temps, stats, flags, nkey, nval, R, K, W, V, d.stride(0), d.stride(1), d.stride(2),
         a.stride(0), a.stride(1), a.stride(2), w, t_star, float(top_p), NUCLEUS=nucleus,
         BLOCK_R=br, BLOCK_V=bv, BLOCK_S=_select_tile(a, bv), num_warps=nw)
-    f = flags.sum(0).tolist()
-    _raise_flags("dlm_logits", f[0], f[1], 0, allow_nan)
-    _raise_flags("ar_logits", f[2], f[3], 0, allow_nan)
-    lse = stats[:, _S_LSE_D:_S_LSE_A + 1]
-    finite = torch.isfinite(lse).all(0).tolist() if R else [True] * 3
-    if not finite[0]:
-        raise ValueError("dlm_logits: every row needs at least one finite logit; a row is entirely -inf")
-    if not finite[2]:
-        raise ValueError("ar_logits: every row needs at least one finite logit; a row is entirely -inf")
-    if not finite[1]:
-        raise ValueError("dlm_logits/ar_logits: a row of the PoE logits w*l_D + (1-w)*l_AR is "
-                         "entirely -inf (no token allowed by both experts)")
 
     nacc = torch.empty(BK, dtype=torch.int64, device=dev)
     term = torch.empty(BK, dtype=torch.float64, device=dev)
@@ -686,23 +672,13 @@ def verify(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weigh
         d, a, temps, stats, nkey, nval, u, nacc, ytok, extra, BK, K, W, V, d.stride(0), d.stride(1),
         d.stride(2), a.stride(0), a.stride(1), a.stride(2), w, t_star, PARITY=bool(parity), NUCLEUS=nucleus,
         BLOCK_R=br2, BLOCK_V=bv2, num_warps=nw2)
-
-    corrected = nacc < W
-    tokens = drafts.clone()
-    j = nacc.clamp_max(W - 1).view(B, K, 1)
-    cur = tokens.gather(2, j).view(BK)
-    tokens.scatter_(2, j, torch.where(corrected, ytok, cur).view(B, K, 1))
-    total = term + extra
-    if parity:
-        total = total / (nacc + corrected.long()).clamp_min(1).double()
-    lw = (log_weights.double().reshape(BK) + total).float()
-    return nacc.view(B, K), tokens, lw.view(B, K), corrected.view(B, K)
+    return nacc.view(B, K), ytok.view(B, K), term.view(B, K), extra.view(B, K), flags.sum(0)
 
 
 _MAX_E = 4
 
 
-def combine(logits, weights, temperature):
+def product_of_experts(logits, weights, temperature):
     """product_of_experts backend: ``log_softmax(sum_e w_e l_e / T)``, float32 ``[..., V]``."""
     first = logits[0]
     shape = first.shape

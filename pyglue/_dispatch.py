@@ -15,6 +15,35 @@ every reason, as xformers' dispatcher does; nothing silently falls back under a 
 
 The choice is made inside each operator's custom-op implementation, i.e. at run time, so
 ``torch.compile`` graphs stay backend-agnostic and a ``use_backend`` context applies to them.
+
+Declaring an operator's backends
+--------------------------------
+An :class:`Operator` is a backend table. A registration *declares* what its backend needs; the
+dispatcher turns every unmet need into a reason (xformers' ``not_supported_reasons``), so an
+operator file holds declarations, not check closures::
+
+    _step_op = Operator("tabdiff_step", device_of="x_num")     # the argument whose device decides
+    _step_op.register("reference")(step_reference)              # needs nothing: runs anywhere
+    _step_op.register("cpu", compiled="tabdiff_step_kernel",    # a torch.ops.diffkern op of _C
+                      dtypes={"x_num": FAST_DTYPES},            # argument -> dtypes it takes
+                      finish=_finish_step)(_step_cpu)           # the family's epilogue (below)
+    _step_op.register("triton", "diffkern.kernels.tabdiff:tabdiff_step",   # imported on first use
+                      dtypes={"x_num": FAST_DTYPES}, finish=_finish_step)
+    out = _step_op(x_num, ...)                                  # select, run, finish
+
+* Arguments are named as in the ``reference`` implementation's signature (the spec); a list
+  argument's dtype need applies to every element.
+* The device rules are the backend's: ``cpu`` takes CPU tensors, ``cuda`` CUDA tensors,
+  ``triton`` CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``); ``reference`` any.
+* A kernel given as ``"module:function"`` is imported on first use; an import failure is a
+  reason, not an exception.
+* ``finish(raw, *args, **kwargs)`` turns a fast backend's raw output (e.g. status counters and
+  partial results) into the operator's result, so every fast backend of a family shares one
+  error and epilogue path.
+* ``check=fn(*args, **kwargs) -> [reasons]`` remains for a need no declaration can express.
+
+The spelling ``op = Operator(name, device_of_fn); op.register("reference")(fn); op(...)`` is the
+minimal case and keeps working.
 """
 
 from __future__ import annotations
@@ -23,8 +52,10 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import importlib
+import inspect
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -37,6 +68,8 @@ ENV_VAR = "DIFFKERN_BACKEND"
 _PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("diffkern_backend", default=None)
+
+OPERATORS: dict[str, "Operator"] = {}   # every Operator by name (tests derive their backends here)
 
 
 class BackendError(RuntimeError):
@@ -125,34 +158,128 @@ def forced_backend() -> Optional[str]:
     return _check_name(env, ENV_VAR) if env else None
 
 
-# A check receives the operator's arguments and returns reasons it cannot run them ([] = ok).
-Check = Callable[..., list]
+def has_compiled(name: str) -> bool:
+    """``torch.ops.diffkern.<name>`` exists (``diffkern._C`` loaded and built with it)."""
+    return _extension.load()[0] and hasattr(torch.ops.diffkern, name)
+
+
+# ---- what a backend needs from a call: devices, compiled ops, kernel modules, dtypes ----------
+
+def _device_reasons(backend: str, device: torch.device) -> list[str]:
+    if backend == "cpu" and device.type != "cpu":
+        return [f"the cpu backend takes CPU tensors, got {device.type}"]
+    if backend == "cuda" and device.type != "cuda":
+        return [f"the cuda backend takes CUDA tensors, got {device.type}"]
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpreter_on()):
+        return [f"the triton backend takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                f"got {device.type}"]
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def _import(module: str):
+    """``(module, None)`` or ``(None, reason)``; imported once."""
+    try:
+        return importlib.import_module(module), None
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return None, f"{module} failed to import ({exc})"
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _dtype_reason(arg: str, value, allowed: Sequence[torch.dtype]) -> Optional[str]:
+    """Why ``value`` (a tensor, or a list of tensors) has a dtype the backend does not take."""
+    items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+    for i, t in items:
+        if isinstance(t, torch.Tensor) and t.dtype not in allowed:
+            name = arg if i is None else f"{arg}[{i}]"
+            return f"{name} dtype {t.dtype} is not supported ({_dtype_names(allowed)})"
+    return None
+
+
+Check = Callable[..., list]   # receives the operator's arguments; returns reasons ([] = can run)
 
 
 @dataclasses.dataclass
 class _Impl:
-    fn: Callable
-    check: Optional[Check]
+    """One backend of an operator: its function (or ``"module:function"``) and its declared needs."""
+
+    fn: Union[Callable, str]
+    check: Optional[Check] = None
+    dtypes: Mapping[str, Sequence[torch.dtype]] = dataclasses.field(default_factory=dict)
+    compiled: Optional[str] = None
+    finish: Optional[Callable] = None
+
+    @property
+    def module(self) -> Optional[str]:
+        return self.fn.partition(":")[0] if isinstance(self.fn, str) else None
+
+    def resolve(self) -> Callable:
+        if not isinstance(self.fn, str):
+            return self.fn
+        mod, why = _import(self.module)
+        if mod is None:
+            raise BackendError(why)
+        return getattr(mod, self.fn.partition(":")[2])
 
 
 class Operator:
-    """One operator's backend table: ``op.register("cpu", check=...)(fn)``, then ``op(...)``.
+    """One operator's backend table: ``op.register(backend, ...)(fn)``, then ``op(...)``.
 
-    ``device_of(*args, **kwargs)`` names the tensor whose device drives the choice.
+    ``device_of`` names the argument whose device drives the choice (a list argument: its first
+    tensor), or is a function ``device_of(*args, **kwargs) -> torch.device``.
     """
 
-    def __init__(self, name: str, device_of: Callable[..., torch.device]):
+    def __init__(self, name: str, device_of: Union[str, Callable[..., torch.device]]):
         self.name = name
-        self.device_of = device_of
+        self.device_of = self._device_getter(device_of) if isinstance(device_of, str) else device_of
         self.impls: dict[str, _Impl] = {}
+        self._params: Optional[list[str]] = None   # argument names, from the reference's signature
+        OPERATORS[name] = self
 
-    def register(self, backend: str, check: Optional[Check] = None):
+    # ---- declaration ---------------------------------------------------------------------
+    def register(self, backend: str, fn: Union[Callable, str, None] = None, *, check: Optional[Check] = None,
+                 dtypes: Optional[Mapping[str, Sequence[torch.dtype]]] = None, compiled: Optional[str] = None,
+                 finish: Optional[Callable] = None):
+        """Register ``fn`` as ``backend`` with its needs; without ``fn``, a decorator."""
         _check_name(backend, f"{self.name}.register")
 
-        def wrap(fn):
-            self.impls[backend] = _Impl(fn, check)
-            return fn
-        return wrap
+        def wrap(f):
+            self.impls[backend] = _Impl(f, check, dict(dtypes or {}), compiled, finish)
+            if callable(f) and (backend == "reference" or self._params is None):
+                self._params = list(inspect.signature(f).parameters)   # the spec names the arguments
+            return f
+        return wrap if fn is None else wrap(fn)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The registered backends, in :data:`BACKENDS` order."""
+        return tuple(b for b in BACKENDS if b in self.impls)
+
+    # ---- arguments by name -----------------------------------------------------------------
+    def _arg(self, name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        return args[self._params.index(name)]
+
+    def _device_getter(self, arg: str) -> Callable[..., torch.device]:
+        def device_of(*args, **kwargs) -> torch.device:
+            value = self._arg(arg, args, kwargs)
+            return (value[0] if isinstance(value, (list, tuple)) else value).device
+        return device_of
+
+    # ---- reasons, selection, call ------------------------------------------------------------
+    def _needs_reasons(self, impl: _Impl, args: tuple, kwargs: dict) -> list[str]:
+        if impl.compiled is not None and not has_compiled(impl.compiled):
+            return [f"diffkern._C has no {impl.compiled} (rebuild the extension)"]
+        if impl.module is not None:
+            why = _import(impl.module)[1]
+            if why is not None:
+                return [why]
+        why = (_dtype_reason(arg, self._arg(arg, args, kwargs), allowed) for arg, allowed in impl.dtypes.items())
+        return [w for w in why if w is not None]
 
     def reasons(self, backend: str, *args, **kwargs) -> list[str]:
         """Why ``backend`` cannot run this call (empty list: it can)."""
@@ -162,17 +289,11 @@ class Operator:
         status = _status(backend)
         if not status.available:
             return [status.reason]
-        device = self.device_of(*args, **kwargs)
-        why = []
-        if backend == "cpu" and device.type != "cpu":
-            why.append(f"the cpu backend takes CPU tensors, got {device.type}")
-        if backend == "cuda" and device.type != "cuda":
-            why.append(f"the cuda backend takes CUDA tensors, got {device.type}")
-        if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpreter_on()):
-            why.append(f"the triton backend takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-                       f"got {device.type}")
+        why = _device_reasons(backend, self.device_of(*args, **kwargs))
+        if not why:
+            why = self._needs_reasons(impl, args, kwargs)
         if not why and impl.check is not None:
-            why.extend(impl.check(*args, **kwargs))
+            why = list(impl.check(*args, **kwargs))
         return why
 
     def select(self, *args, **kwargs) -> str:
@@ -196,5 +317,6 @@ class Operator:
         raise BackendError(f"diffkern.{self.name}: no backend can run this call:\n  - " + "\n  - ".join(tried))
 
     def __call__(self, *args, **kwargs):
-        backend = self.select(*args, **kwargs)
-        return self.impls[backend].fn(*args, **kwargs)
+        impl = self.impls[self.select(*args, **kwargs)]
+        out = impl.resolve()(*args, **kwargs)
+        return out if impl.finish is None else impl.finish(out, *args, **kwargs)

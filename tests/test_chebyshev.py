@@ -6,11 +6,13 @@
   settings, blend < 1, degrees 0/1/4/7, odd N (1, 7, 65, 4099) and K = 1;
 * strided (history-buffer) feats: read without a copy, equal to the contiguous result;
   stride-0 expand over S;
-* torch.library.opcheck of the custom ops and of cheb_combine; torch.compile(fullgraph=True);
+* torch.library.opcheck of the custom ops and of chebyshev_combine_kernel; torch.compile(fullgraph=True);
 * bad input (each error names its argument), forced-backend errors, backends()/DIFFKERN_BACKEND.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -537,7 +539,7 @@ def test_env_var_forces_reference(monkeypatch):
             calls.append(_b)
             return _fn(*args, **kwargs)
 
-        monkeypatch.setitem(cheb_mod._forecast_op.impls, backend, _dispatch._Impl(spy, impl.check))
+        monkeypatch.setitem(cheb_mod._forecast_op.impls, backend, dataclasses.replace(impl, fn=spy))
     t, f, q = _ok()
     monkeypatch.delenv("DIFFKERN_BACKEND", raising=False)
     assert _dispatch.forced_backend() is None
@@ -583,17 +585,17 @@ def test_opcheck(backend):
                               (times, strided, tq, 2, 0.01, 0.0, 50.0, 0.5, False, torch.bfloat16))
 
 
-def test_opcheck_cheb_combine():
+def test_opcheck_chebyshev_combine_kernel():
     _need("cpu")
     g = torch.Generator().manual_seed(45)
     S, Q, K, N = 2, 5, 4, 70
     weights = torch.randn(S, Q, K, generator=g)
     feats = torch.randn(S, K, N, generator=g)
     _, strided = _strided_view(feats.to(torch.bfloat16), "buffer_window")
-    torch.library.opcheck(torch.ops.diffkern.cheb_combine.default, (weights, feats, torch.float32))
-    torch.library.opcheck(torch.ops.diffkern.cheb_combine.default, (weights, strided, torch.float16))
+    torch.library.opcheck(torch.ops.diffkern.chebyshev_combine_kernel.default, (weights, feats, torch.float32))
+    torch.library.opcheck(torch.ops.diffkern.chebyshev_combine_kernel.default, (weights, strided, torch.float16))
     # and it computes out[s, q] = sum_k W[s, q, k] feats[s, k]
-    got = torch.ops.diffkern.cheb_combine(weights, feats, torch.float32)
+    got = torch.ops.diffkern.chebyshev_combine_kernel(weights, feats, torch.float32)
     torch.testing.assert_close(got, weights.double() @ feats.double(), rtol=1e-5, atol=1e-5,
                                check_dtype=False)
 

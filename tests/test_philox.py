@@ -70,3 +70,81 @@ def test_bad_keys(bad):
     args = dict(seed=0, offset=0, tag=1) | bad
     with pytest.raises(ValueError, match=next(iter(bad))):
         philox.uniforms(args["seed"], args["offset"], args["tag"], 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ header (csrc/include/diffkern/philox.h) and the Triton helper (kernels/philox.py) give
+# the spec's bits: uniforms bit for bit, normals to the last bits of the platform's log / cos.
+# ---------------------------------------------------------------------------------------------
+
+KEYS = [(0, 0, 1, 5, 9, 0), (2 ** 62 + 12345, 2 ** 40 + 7, 3, 4, 33, 11), (1, 2 ** 60 - 1, 15, 3, 3, 2 ** 31 + 5),
+        (2 ** 63 - 1, 0, 0, 1, 1, 2 ** 32 - 1)]
+
+
+def _assert_same_stream(uniforms, normals, key):
+    seed, offset, tag, rows, cols, row_start = key
+    assert torch.equal(uniforms, philox.uniforms(seed, offset, tag, rows, cols, row_start=row_start))
+    torch.testing.assert_close(normals, philox.normals(seed, offset, tag, rows, cols, row_start=row_start),
+                               rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_cpp_header_matches_the_spec(key):
+    if not available("cpu"):
+        pytest.skip("cpu backend unavailable")
+    seed, offset, tag, rows, cols, row_start = key
+    _assert_same_stream(torch.ops.diffkern.philox_uniforms(seed, offset, tag, rows, cols, row_start),
+                        torch.ops.diffkern.philox_normals(seed, offset, tag, rows, cols, row_start), key)
+    _assert_same_stream(philox.fast_uniforms(seed, offset, tag, rows, cols, row_start=row_start),
+                        philox.fast_normals(seed, offset, tag, rows, cols, row_start=row_start), key)
+
+
+def test_cpp_op_rejects_bad_keys():
+    if not available("cpu"):
+        pytest.skip("cpu backend unavailable")
+    with pytest.raises(ValueError, match="tag"):
+        torch.ops.diffkern.philox_uniforms(0, 0, 16, 2, 2)
+    with pytest.raises(ValueError, match="offset"):
+        torch.ops.diffkern.philox_normals(0, 2 ** 60, 1, 2, 2)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from diffkern.kernels import philox as kphilox
+except ImportError:   # no triton: the cpu tests above still run
+    kphilox = None
+
+if kphilox is not None:
+    @triton.jit
+    def _draw(rows_ptr, cols_ptr, u_ptr, z_ptr, n, seed, offset, tag, BLOCK: tl.constexpr):
+        """What a kernel author writes: the helpers at arbitrary (row, column) indices."""
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        row = tl.load(rows_ptr + i, mask=mask, other=0)
+        col = tl.load(cols_ptr + i, mask=mask, other=0)
+        tl.store(u_ptr + i, kphilox.uniform(seed, offset, tag, row, col), mask=mask)
+        tl.store(z_ptr + i, kphilox.normal(seed, offset, tag, row, col), mask=mask)
+
+
+def _draw_at(seed, offset, tag, rows, cols):
+    u = torch.empty(rows.shape, dtype=torch.float64)
+    z = torch.empty(rows.shape, dtype=torch.float64)
+    _draw[(1,)](rows, cols, u, z, rows.numel(), seed, offset, tag, BLOCK=triton.next_power_of_2(rows.numel()))
+    return u, z
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_triton_helper_matches_the_spec(key):
+    if kphilox is None or not available("triton"):
+        pytest.skip("triton backend unavailable")
+    seed, offset, tag, rows, cols, row_start = key
+    _assert_same_stream(kphilox.uniforms(seed, offset, tag, rows, cols, row_start=row_start, device="cpu"),
+                        kphilox.normals(seed, offset, tag, rows, cols, row_start=row_start, device="cpu"), key)
+    g = torch.Generator().manual_seed(seed % 1000)
+    r = torch.randint(0, 2 ** 32, (37,), generator=g, dtype=torch.int64)
+    c = torch.randint(0, 2 ** 32, (37,), generator=g, dtype=torch.int64)
+    u, z = _draw_at(seed, offset, tag, r, c)
+    assert torch.equal(u, philox.uniform(seed, offset, tag, r, c))
+    torch.testing.assert_close(z, philox.normal(seed, offset, tag, r, c), rtol=1e-14, atol=1e-15)

@@ -39,7 +39,7 @@ void check_host_f64(const at::Tensor& t, const char* name) {
 }
 
 // [S, P, K] fit operator (t_query absent) or [S, Q, K] forecast weights, float64.
-at::Tensor cheb_weights(const at::Tensor& times, const c10::optional<at::Tensor>& t_query,
+at::Tensor chebyshev_weights_kernel(const at::Tensor& times, const c10::optional<at::Tensor>& t_query,
                         int64_t degree, double lam, double t_min, double t_max, double blend,
                         bool penalize_intercept) {
   check_host_f64(times, "times");
@@ -68,7 +68,7 @@ at::Tensor cheb_weights(const at::Tensor& times, const c10::optional<at::Tensor>
 }
 
 // [S, Q, P] Chebyshev basis at the query times, float64.
-at::Tensor cheb_basis(const at::Tensor& t_query, int64_t degree, double t_min, double t_max) {
+at::Tensor chebyshev_basis_kernel(const at::Tensor& t_query, int64_t degree, double t_min, double t_max) {
   check_host_f64(t_query, "t_query");
   make_problem(degree, 0.0, t_min, t_max, true);
   const int64_t P = degree + 1;
@@ -245,8 +245,8 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-at::Tensor cheb_combine(const at::Tensor& weights, const at::Tensor& in, at::ScalarType out_dtype) {
-  TORCH_CHECK(in.device().is_cpu() && weights.device().is_cpu(), "cheb_combine (CPU): expected CPU tensors");
+at::Tensor chebyshev_combine_kernel(const at::Tensor& weights, const at::Tensor& in, at::ScalarType out_dtype) {
+  TORCH_CHECK(in.device().is_cpu() && weights.device().is_cpu(), "chebyshev_combine_kernel (CPU): expected CPU tensors");
   TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 3 && weights.is_contiguous(),
               "weights: expected a contiguous float32 [S, Q, K] tensor, got ", weights.scalar_type(), " ",
               weights.sizes());
@@ -257,9 +257,9 @@ at::Tensor cheb_combine(const at::Tensor& weights, const at::Tensor& in, at::Sca
               in.strides());
   auto out = at::empty({in.size(0), weights.size(1), in.size(2)}, in.options().dtype(out_dtype));
   advise_huge_pages(out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "cheb_combine_in", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "chebyshev_combine_in", [&] {
     using Tin = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "cheb_combine_out", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "chebyshev_combine_out", [&] {
       combine_typed<Tin, scalar_t>(weights, in, out);
     });
   });
@@ -269,16 +269,16 @@ at::Tensor cheb_combine(const at::Tensor& weights, const at::Tensor& in, at::Sca
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(diffkern, m) {
-  m.def("cheb_weights(Tensor times, Tensor? t_query, int degree, float lam, float t_min, float t_max, "
+  m.def("chebyshev_weights_kernel(Tensor times, Tensor? t_query, int degree, float lam, float t_min, float t_max, "
         "float blend, bool penalize_intercept) -> Tensor");
-  m.def("cheb_basis(Tensor t_query, int degree, float t_min, float t_max) -> Tensor");
-  m.def("cheb_combine(Tensor weights, Tensor feats, ScalarType out_dtype) -> Tensor");
+  m.def("chebyshev_basis_kernel(Tensor t_query, int degree, float t_min, float t_max) -> Tensor");
+  m.def("chebyshev_combine_kernel(Tensor weights, Tensor feats, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
-  m.impl("cheb_weights", &cheb_weights);
-  m.impl("cheb_basis", &cheb_basis);
-  m.impl("cheb_combine", &cheb_combine);
+  m.impl("chebyshev_weights_kernel", &chebyshev_weights_kernel);
+  m.impl("chebyshev_basis_kernel", &chebyshev_basis_kernel);
+  m.impl("chebyshev_combine_kernel", &chebyshev_combine_kernel);
 }
 
 }  // namespace diffkern

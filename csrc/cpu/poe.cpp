@@ -1,4 +1,5 @@
-// CPU kernels of the PoE operator family (see pyglue/ops/poe.py for the math and the RNG contract).
+// CPU kernels of the PoE operator family (see pyglue/ops/poe.py for the math, the RNG contract
+// and the fast backends' contract: kernels return status counters, Python raises and finishes).
 //
 //   poe_draft_kernel    one task per (b, j) DLM row, read once for all K particles: convert to fp32
 //                       into an L2-resident row buffer, max, then per particle exp / radix-select
@@ -7,8 +8,7 @@
 //                       l_D and l_AR computing the online (max, sum-exp) of the proposal, the PoE
 //                       target and the AR target, gathers at the draft; a sequential acceptance scan
 //                       per (b, k); a second pass only on the <= B*K rows that need a residual sample.
-//   poe_combine_kernel  fused log_softmax(sum_i w_i l_i / T) (product_of_experts).
-//   poe_philox_uniforms the Philox stream (csrc/include/diffkern/poe.h), for the Python wrapper.
+//   product_of_experts_kernel  fused log_softmax(sum_i w_i l_i / T).
 //
 // Hot loops are always-inline templates instantiated per ISA (simd_dispatch.h) and written so
 // gcc auto-vectorises them (lane-array reductions, branch-free polynomial exp).
@@ -51,7 +51,7 @@ struct Flags {
 template <typename T>
 DK_AI float to_f32(T v) { return static_cast<float>(v); }
 template <>
-DK_AI float to_f32<c10::BFloat16>(c10::BFloat16 v) { return poe::bf16_bits_to_float(v.x); }
+DK_AI float to_f32<c10::BFloat16>(c10::BFloat16 v) { return to_float(bf16_t{v.x}); }
 
 // out[i] = float(in[i]) with NaN -> -inf; counts NaN and +inf.
 template <typename T>
@@ -166,7 +166,7 @@ DK_AI double sum_blocks(const float* bs, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 
 struct Scratch {
-  std::vector<float> l, e, bs, d, a;
+  std::vector<float> l, e, bs;
   std::vector<uint32_t> key;
   std::vector<double> hist;
   std::vector<int64_t> cnt;
@@ -285,17 +285,29 @@ DK_AI void draft_rows_impl(const DraftArgs<T>& a, int64_t begin, int64_t end) {
 DK_ISA_CLONES(template <typename T>, draft_rows, (const DraftArgs<T>& a, int64_t begin, int64_t end), <T>,
               (a, begin, end))
 
-void check_flags(const std::vector<Flags>& flags, bool allow_nan, const char* name) {
-  for (size_t i = 0; i < flags.size(); ++i) {
-    TORCH_CHECK_VALUE(flags[i].pinf == 0, name, ": contains +inf logits (only -inf, i.e. masked tokens, are legal)");
-    TORCH_CHECK_VALUE(allow_nan || flags[i].nan == 0, name,
-                      ": contains NaN logits; pass allow_nan=True to treat NaN as -inf (masked)");
-    TORCH_CHECK_VALUE(flags[i].empty == 0, name, ": every row needs at least one finite logit; a row is entirely -inf");
-  }
+// Row i of an [E, kStatusPerLogits] status (poe.h's LogitStatus) += one row's flags.
+void count(const Flags& f, at::Tensor& status, int64_t i) {
+  int64_t* s = status.data_ptr<int64_t>() + i * poe::kStatusPerLogits;
+  s[poe::kNanCount] += f.nan;
+  s[poe::kPosInfCount] += f.pinf;
+  s[poe::kEmptyRows] += f.empty;
 }
 
-std::tuple<at::Tensor, at::Tensor> poe_draft_kernel(const at::Tensor& logits, const at::Tensor& temps,
-                                                    double top_p, const at::Tensor& uniforms, bool allow_nan) {
+// The status is an error the Python side raises (so nothing downstream of it may run).
+bool is_error(const at::Tensor& status, bool allow_nan) {
+  const int64_t* s = status.data_ptr<int64_t>();
+  for (int64_t i = 0; i < status.size(0); ++i, s += poe::kStatusPerLogits)
+    if (s[poe::kPosInfCount] || s[poe::kEmptyRows] || (!allow_nan && s[poe::kNanCount])) return true;
+  return false;
+}
+
+at::Tensor new_status(int64_t logits_inputs) {
+  return at::zeros({logits_inputs, poe::kStatusPerLogits}, at::TensorOptions().dtype(at::kLong));
+}
+
+// Returns (tokens, log_q, status [1, 3] of dlm_logits); rows that are entirely -inf are left unset.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poe_draft_kernel(const at::Tensor& logits, const at::Tensor& temps,
+                                                                double top_p, const at::Tensor& uniforms) {
   TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "dlm_logits: expected [B, W, V] with unit stride in V");
   TORCH_CHECK(temps.scalar_type() == at::kFloat && temps.is_contiguous(), "temperatures: float32 contiguous");
   TORCH_CHECK(uniforms.scalar_type() == at::kDouble && uniforms.is_contiguous(), "uniforms: float64 contiguous");
@@ -309,8 +321,9 @@ std::tuple<at::Tensor, at::Tensor> poe_draft_kernel(const at::Tensor& logits, co
                           tokens.data_ptr<int64_t>(), log_q.data_ptr<float>(), flags.data()};
     at::parallel_for(0, B * W, 1, [&](int64_t begin, int64_t end) { draft_rows(a, begin, end); });
   });
-  check_flags(flags, allow_nan, "dlm_logits");
-  return {tokens, log_q};
+  auto status = new_status(1);  // dlm_logits
+  for (const Flags& f : flags) count(f, status, 0);
+  return {tokens, log_q, status};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,7 +444,7 @@ DK_ISA_CLONES(template <typename T>, verify_rows, (const VerifyArgs<T>& a, int64
 // Residual sample of row (b, k, j): inverse CDF of (p - q)_+ (p if that is zero), token-id order.
 template <typename T>
 DK_AI void residual_rows_impl(const VerifyArgs<T>& a, const int64_t* jrow, const double* u, int64_t* out,
-                              int64_t begin, int64_t end) {
+                              double* term, int64_t begin, int64_t end) {
   Scratch s;
   s.reserve(a.V);
   std::vector<float> rbuf(a.V);
@@ -479,18 +492,34 @@ DK_AI void residual_rows_impl(const VerifyArgs<T>& a, const int64_t* jrow, const
       total = sum_blocks(bs, a.V);
       w = d;
     }
-    out[bk] = inverse_cdf(w, bs, a.V, u[bk * (a.W + 1) + a.W], total);
+    const int64_t y = inverse_cdf(w, bs, a.V, u[bk * (a.W + 1) + a.W], total);
+    out[bk] = y;
+    // the emitted token's term: raw logit difference (parity) or log a(y) - log p(y)
+    const float lx = load1(pd + y), ly = load1(pa + y);
+    if (a.parity) {
+      term[bk] = static_cast<double>(ly) - lx;
+    } else {
+      const float inv_ts = 1.0f / (a.t_star > 0 ? a.t_star : a.temps[b * a.K + k]);
+      const float pl = (cd == 0.f ? 0.f : cd * lx) + (ca == 0.f ? 0.f : ca * ly);
+      term[bk] = (static_cast<double>(ly * inv_ts) - poe::log_sum_exp(st.a)) -
+                 (static_cast<double>(pl * inv_t) - poe::log_sum_exp(st.p));
+    }
   }
 }
 
 DK_ISA_CLONES(template <typename T>, residual_rows,
-              (const VerifyArgs<T>& a, const int64_t* jrow, const double* u, int64_t* out, int64_t begin, int64_t end),
-              <T>, (a, jrow, u, out, begin, end))
+              (const VerifyArgs<T>& a, const int64_t* jrow, const double* u, int64_t* out, double* term,
+               int64_t begin, int64_t end),
+              <T>, (a, jrow, u, out, term, begin, end))
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> poe_verify_kernel(
+// Returns (num_accepted [B, K], residual token [B, K] (-1: none), importance (or parity "energy")
+// term of the accepted prefix [B, K] float64, term of the residual token [B, K] float64, status
+// [3, 3] of (dlm_logits, ar_logits, the PoE logits)); pyglue/ops/poe.py finishes (corrected
+// tokens, parity mean, incoming weights) the same way for every fast backend.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> poe_verify_kernel(
     const at::Tensor& dlm, const at::Tensor& ar, const at::Tensor& drafts, const at::Tensor& temps,
-    const at::Tensor& log_weights, double weight, double top_p, double target_temperature,
-    const at::Tensor& uniforms, bool parity, bool allow_nan) {
+    double weight, double top_p, double target_temperature, const at::Tensor& uniforms, bool parity,
+    bool allow_nan) {
   TORCH_CHECK(dlm.dim() == 4 && ar.dim() == 4 && dlm.stride(3) == 1 && ar.stride(3) == 1,
               "dlm_logits/ar_logits: expected [B, K, W, V] with unit stride in V");
   TORCH_CHECK(dlm.scalar_type() == ar.scalar_type(), "dlm_logits/ar_logits: dtypes differ");
@@ -499,78 +528,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> poe_verify_kernel(
   TORCH_CHECK(uniforms.scalar_type() == at::kDouble && uniforms.is_contiguous(), "uniforms: float64 contiguous");
   const int64_t B = ar.size(0), K = ar.size(1), W = ar.size(2), V = ar.size(3);
   std::vector<RowStats> stats(B * K * W);
-  auto num_acc = at::empty({B, K}, ar.options().dtype(at::kLong));
-  auto tokens = drafts.clone();
-  auto lw_out = at::empty({B, K}, ar.options().dtype(at::kFloat));
-  auto corrected = at::empty({B, K}, ar.options().dtype(at::kBool));
+  auto opts = ar.options();
+  auto num_acc = at::empty({B, K}, opts.dtype(at::kLong));
+  auto resid = at::full({B, K}, -1, opts.dtype(at::kLong));
+  auto prefix_term = at::zeros({B, K}, opts.dtype(at::kDouble));
+  auto resid_term = at::zeros({B, K}, opts.dtype(at::kDouble));
+  auto status = new_status(3);  // dlm_logits, ar_logits, the PoE logits
   const double* u = uniforms.data_ptr<double>();
-  const auto lw_in = log_weights.to(at::kDouble).contiguous();
-  const double* lwi = lw_in.data_ptr<double>();
-  const int64_t* dr = drafts.data_ptr<int64_t>();
-  std::vector<int64_t> jrow(B * K, -1), resid(B * K, -1);
+  int64_t* n_acc = num_acc.data_ptr<int64_t>();
+  double* prefix = prefix_term.data_ptr<double>();
+  std::vector<int64_t> jrow(B * K, -1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ar.scalar_type(), "poe_verify_kernel", [&] {
     VerifyArgs<scalar_t> a{dlm.data_ptr<scalar_t>(), dlm.stride(0), dlm.stride(1), dlm.stride(2),
                            ar.data_ptr<scalar_t>(), ar.stride(0), ar.stride(1), ar.stride(2),
-                           dr, temps.data_ptr<float>(), B, K, W, V, static_cast<float>(weight), top_p,
-                           static_cast<float>(target_temperature), parity, stats.data()};
+                           drafts.data_ptr<int64_t>(), temps.data_ptr<float>(), B, K, W, V,
+                           static_cast<float>(weight), top_p, static_cast<float>(target_temperature), parity,
+                           stats.data()};
     at::parallel_for(0, B * K * W, 1, [&](int64_t begin, int64_t end) { verify_rows(a, begin, end); });
-    // errors, then the acceptance scan (sequential over j per particle)
     for (const auto& st : stats) {
-      TORCH_CHECK_VALUE(st.fd.pinf == 0, "dlm_logits: contains +inf logits (only -inf, i.e. masked tokens, are legal)");
-      TORCH_CHECK_VALUE(st.fa.pinf == 0, "ar_logits: contains +inf logits (only -inf, i.e. masked tokens, are legal)");
-      TORCH_CHECK_VALUE(allow_nan || st.fd.nan == 0, "dlm_logits: contains NaN logits; pass allow_nan=True to treat NaN as -inf (masked)");
-      TORCH_CHECK_VALUE(allow_nan || st.fa.nan == 0, "ar_logits: contains NaN logits; pass allow_nan=True to treat NaN as -inf (masked)");
-      TORCH_CHECK_VALUE(st.d.m > -INFINITY, "dlm_logits: every row needs at least one finite logit; a row is entirely -inf");
-      TORCH_CHECK_VALUE(st.a.m > -INFINITY, "ar_logits: every row needs at least one finite logit; a row is entirely -inf");
-      TORCH_CHECK_VALUE(st.p.m > -INFINITY, "dlm_logits/ar_logits: a row of the PoE logits w*l_D + (1-w)*l_AR is "
-                        "entirely -inf (no token allowed by both experts)");
+      count({st.fd.nan, st.fd.pinf, st.d.m == -INFINITY}, status, 0);
+      count({st.fa.nan, st.fa.pinf, st.a.m == -INFINITY}, status, 1);
+      count({0, 0, st.p.m == -INFINITY}, status, 2);
     }
+    if (is_error(status, allow_nan)) return;  // Python raises; the rows are not valid input below
+    // acceptance scan (sequential over j per particle) and the accepted prefix's term
     for (int64_t bk = 0; bk < B * K; ++bk) {
       int64_t n = W;
       for (int64_t j = 0; j < W; ++j) {
         const RowStats& st = stats[bk * W + j];
         if (!poe::accept_log(u[bk * (W + 1) + j], st.log_p_x, st.log_q_x)) { n = j; break; }
       }
-      num_acc.data_ptr<int64_t>()[bk] = n;
-      corrected.data_ptr<bool>()[bk] = n < W;
+      n_acc[bk] = n;
       if (n < W) jrow[bk] = n;
-    }
-    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-      residual_rows(a, jrow.data(), u, resid.data(), begin, end);
-    });
-  });
-  // log-weights over emitted tokens (accepted prefix + the correction)
-  int64_t* tok = tokens.data_ptr<int64_t>();
-  const float cd = static_cast<float>(weight), ca = 1.0f - cd;
-  for (int64_t bk = 0; bk < B * K; ++bk) {
-    const int64_t n = num_acc.data_ptr<int64_t>()[bk];
-    double term = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      const RowStats& st = stats[bk * W + j];
-      term += parity ? (st.la_x - st.ld_x) : (st.log_a_x - st.log_p_x);
-    }
-    if (n < W) {
-      const int64_t y = resid[bk];
-      tok[bk * W + n] = y;
-      const RowStats& st = stats[bk * W + n];
-      const int64_t b = bk / K, k = bk % K;
-      const float T_k = temps.data_ptr<float>()[bk];
-      const float inv_t = 1.0f / T_k, inv_ts = 1.0f / (target_temperature > 0 ? static_cast<float>(target_temperature) : T_k);
-      const at::Tensor drow = dlm[b][k][n], arow = ar[b][k][n];
-      const float ly = arow[y].item<float>(), lx = drow[y].item<float>();
-      const float ly_s = ly != ly ? -INFINITY : ly, lx_s = lx != lx ? -INFINITY : lx;
-      if (parity) {
-        term += static_cast<double>(ly_s) - lx_s;
-      } else {
-        const float pl = (cd == 0.f ? 0.f : cd * lx_s) + (ca == 0.f ? 0.f : ca * ly_s);
-        term += (static_cast<double>(ly_s * inv_ts) - poe::log_sum_exp(st.a)) -
-                (static_cast<double>(pl * inv_t) - poe::log_sum_exp(st.p));
+      for (int64_t j = 0; j < n; ++j) {
+        const RowStats& st = stats[bk * W + j];
+        prefix[bk] += parity ? (st.la_x - st.ld_x) : (st.log_a_x - st.log_p_x);
       }
     }
-    if (parity) term /= static_cast<double>(std::max<int64_t>(1, n + (n < W)));
-    lw_out.data_ptr<float>()[bk] = static_cast<float>(lwi[bk] + term);
-  }
-  return {num_acc, tokens, lw_out, corrected};
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      residual_rows(a, jrow.data(), u, resid.data_ptr<int64_t>(), resid_term.data_ptr<double>(), begin, end);
+    });
+  });
+  return {num_acc, resid, prefix_term, resid_term, status};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -619,7 +618,7 @@ DK_AI void combine_rows_impl(const CombineArgs<T>& a, int64_t begin, int64_t end
 DK_ISA_CLONES(template <typename T>, combine_rows, (const CombineArgs<T>& a, int64_t begin, int64_t end), <T>,
               (a, begin, end))
 
-at::Tensor poe_combine_kernel(at::TensorList logits, c10::ArrayRef<double> weights, double temperature) {
+at::Tensor product_of_experts_kernel(at::TensorList logits, c10::ArrayRef<double> weights, double temperature) {
   TORCH_CHECK(!logits.empty() && logits.size() == weights.size(), "logits/weights: one weight per expert");
   const auto& first = logits[0];
   const int64_t V = first.size(-1), rows = first.numel() / std::max<int64_t>(V, 1);
@@ -630,7 +629,7 @@ at::Tensor poe_combine_kernel(at::TensorList logits, c10::ArrayRef<double> weigh
     flat.push_back(t.reshape({rows, V}));
     TORCH_CHECK(flat.back().stride(1) == 1, "logits: unit stride in V expected");
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "poe_combine_kernel", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "product_of_experts_kernel", [&] {
     CombineArgs<scalar_t> a;
     for (size_t e = 0; e < flat.size(); ++e) {
       a.ptr.push_back(flat[e].data_ptr<scalar_t>());
@@ -645,33 +644,20 @@ at::Tensor poe_combine_kernel(at::TensorList logits, c10::ArrayRef<double> weigh
   return out;
 }
 
-at::Tensor poe_philox_uniforms(int64_t seed, int64_t offset, int64_t tag, int64_t rows, int64_t cols) {
-  auto out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  at::parallel_for(0, rows * cols, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      o[i] = poe::philox_uniform(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-                                 static_cast<uint32_t>(tag), static_cast<uint32_t>(i / cols),
-                                 static_cast<uint32_t>(i % cols));
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(diffkern, m) {
-  m.def("poe_draft_kernel(Tensor logits, Tensor temps, float top_p, Tensor uniforms, bool allow_nan) -> (Tensor, Tensor)");
-  m.def("poe_verify_kernel(Tensor dlm, Tensor ar, Tensor drafts, Tensor temps, Tensor log_weights, float weight, "
-        "float top_p, float target_temperature, Tensor uniforms, bool parity, bool allow_nan) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("poe_combine_kernel(Tensor[] logits, float[] weights, float temperature) -> Tensor");
-  m.def("poe_philox_uniforms(int seed, int offset, int tag, int rows, int cols) -> Tensor", &poe_philox_uniforms);
+  m.def("poe_draft_kernel(Tensor logits, Tensor temps, float top_p, Tensor uniforms) -> (Tensor, Tensor, Tensor)");
+  m.def("poe_verify_kernel(Tensor dlm, Tensor ar, Tensor drafts, Tensor temps, float weight, float top_p, "
+        "float target_temperature, Tensor uniforms, bool parity, bool allow_nan) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("product_of_experts_kernel(Tensor[] logits, float[] weights, float temperature) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("poe_draft_kernel", &poe_draft_kernel);
   m.impl("poe_verify_kernel", &poe_verify_kernel);
-  m.impl("poe_combine_kernel", &poe_combine_kernel);
+  m.impl("product_of_experts_kernel", &product_of_experts_kernel);
 }
 
 }  // namespace diffkern

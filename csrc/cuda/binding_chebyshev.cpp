@@ -1,8 +1,8 @@
-// CUDA binding of diffkern::cheb_combine (schema in csrc/cpu/chebyshev.cpp). Thin on purpose:
+// CUDA binding of diffkern::chebyshev_combine_kernel (schema in csrc/cpu/chebyshev.cpp). Thin on purpose:
 // argument checks, device guard, current stream, output allocation, one call into the torch-free
 // launcher in chebyshev_kernels.cu. Built only with a CUDA torch (setup.py, DIFFKERN_WITH_CUDA).
-// cheb_weights / cheb_basis stay CPU ops; the Python side moves the small float32 weights tensor
-// to the feats device before calling cheb_combine.
+// chebyshev_weights_kernel / chebyshev_basis_kernel stay CPU ops; the Python side moves the small float32 weights tensor
+// to the feats device before calling chebyshev_combine_kernel.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,7 +14,7 @@
 
 #include "diffkern/common.h"
 
-extern "C" int diffkern_cheb_combine_cuda(const float* weights, const void* in, int in_dtype, void* out,
+extern "C" int diffkern_chebyshev_combine_cuda(const float* weights, const void* in, int in_dtype, void* out,
                                           int out_dtype, int64_t S, int64_t Q, int64_t K, int64_t N,
                                           int64_t in_stride_s, int64_t in_stride_k, cudaStream_t stream);
 
@@ -34,7 +34,7 @@ int dtype_code(at::ScalarType t, const char* name) {
   return -1;
 }
 
-at::Tensor cheb_combine_cuda(const at::Tensor& weights, const at::Tensor& feats, at::ScalarType out_dtype) {
+at::Tensor chebyshev_combine_cuda(const at::Tensor& weights, const at::Tensor& feats, at::ScalarType out_dtype) {
   TORCH_CHECK(feats.is_cuda(), "feats: expected a CUDA tensor, got device ", feats.device());
   TORCH_CHECK(weights.device() == feats.device(), "weights: expected device ", feats.device(),
               " (same as feats), got ", weights.device());
@@ -54,11 +54,11 @@ at::Tensor cheb_combine_cuda(const at::Tensor& weights, const at::Tensor& feats,
   const c10::cuda::CUDAGuard guard(feats.device());
   auto out = at::empty({feats.size(0), weights.size(1), feats.size(2)}, feats.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
-  const int err = diffkern_cheb_combine_cuda(
+  const int err = diffkern_chebyshev_combine_cuda(
       weights.data_ptr<float>(), feats.const_data_ptr(), in_code, out.data_ptr(), out_code, feats.size(0),
       weights.size(1), feats.size(1), feats.size(2), feats.stride(0), feats.stride(1),
       c10::cuda::getCurrentCUDAStream(feats.device().index()).stream());
-  TORCH_CHECK(err == 0, "cheb_combine (CUDA): kernel launch failed: ",
+  TORCH_CHECK(err == 0, "chebyshev_combine_kernel (CUDA): kernel launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return out;
 }
@@ -66,7 +66,7 @@ at::Tensor cheb_combine_cuda(const at::Tensor& weights, const at::Tensor& feats,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
-  m.impl("cheb_combine", &cheb_combine_cuda);
+  m.impl("chebyshev_combine_kernel", &chebyshev_combine_cuda);
 }
 
 }  // namespace diffkern

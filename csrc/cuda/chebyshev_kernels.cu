@@ -6,7 +6,7 @@
 // the shared header: diffkern::to_float / from_float<T> / cheb::combine_step<QB>, which the CPU
 // tests exercise. Nothing here re-implements it.
 //
-// Launch configuration (diffkern_cheb_combine_cuda):
+// Launch configuration (diffkern_chebyshev_combine_cuda):
 //   block   kThreads = 256 threads (8 warps), 1-D over N.
 //   grid.y  min(S, 65535) streams; a block loops s += gridDim.y when S > 65535.
 //   grid.x  N-chunks: min(ceil(N / (256 * V)), ceil(resident / grid.y)), resident = SMs x the
@@ -122,7 +122,7 @@ __device__ __forceinline__ void combine_qblock(const float* w_panel, int64_t K, 
 // grid (N-chunks, S-slots), block kThreads, dynamic smem panel_rows * K floats.
 template <typename Tin, typename Tout, int V>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-cheb_combine_kernel(const float* DK_RESTRICT weights, const Tin* DK_RESTRICT in, Tout* DK_RESTRICT out,
+chebyshev_combine_kernel(const float* DK_RESTRICT weights, const Tin* DK_RESTRICT in, Tout* DK_RESTRICT out,
                     int64_t S, int64_t Q, int64_t K, int64_t N, int64_t in_stride_s, int64_t in_stride_k,
                     int64_t panel_rows) {
   extern __shared__ float w_smem[];
@@ -177,8 +177,8 @@ cudaError_t launch(const float* weights, const void* in_raw, void* out_raw, int6
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess)
-    err = vec ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cheb_combine_kernel<Tin, Tout, V>, kThreads, smem)
-              : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cheb_combine_kernel<Tin, Tout, 1>, kThreads, smem);
+    err = vec ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, chebyshev_combine_kernel<Tin, Tout, V>, kThreads, smem)
+              : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, chebyshev_combine_kernel<Tin, Tout, 1>, kThreads, smem);
   if (err != cudaSuccess) return err;
 
   // One resident wave (occupancy x SMs) over all S-slots; each block then grid-strides over N.
@@ -191,10 +191,10 @@ cudaError_t launch(const float* weights, const void* in_raw, void* out_raw, int6
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
 
   if (vec) {
-    cheb_combine_kernel<Tin, Tout, V><<<grid, kThreads, smem, stream>>>(
+    chebyshev_combine_kernel<Tin, Tout, V><<<grid, kThreads, smem, stream>>>(
         weights, in, out, S, Q, K, N, in_stride_s, in_stride_k, panel_rows);
   } else {
-    cheb_combine_kernel<Tin, Tout, 1><<<grid, kThreads, smem, stream>>>(
+    chebyshev_combine_kernel<Tin, Tout, 1><<<grid, kThreads, smem, stream>>>(
         weights, in, out, S, Q, K, N, in_stride_s, in_stride_k, panel_rows);
   }
   return cudaGetLastError();
@@ -224,7 +224,7 @@ cudaError_t launch_out(int out_dtype, const float* weights, const void* in, void
 //   dtypes   diffkern::DType codes (0 f32, 1 f16, 2 bf16, 3 f64)
 // Returns a cudaError_t code: cudaSuccess, cudaErrorInvalidValue (bad dtype code, negative sizes,
 // K > 12288), or the launch error. Asynchronous on `stream`; nothing is launched for empty outputs.
-extern "C" int diffkern_cheb_combine_cuda(const float* weights, const void* in, int in_dtype, void* out,
+extern "C" int diffkern_chebyshev_combine_cuda(const float* weights, const void* in, int in_dtype, void* out,
                                           int out_dtype, int64_t S, int64_t Q, int64_t K, int64_t N,
                                           int64_t in_stride_s, int64_t in_stride_k, cudaStream_t stream) {
   using namespace diffkern;

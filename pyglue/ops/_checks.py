@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # what the compiled backends take
 
 
 def tensor(name: str, value) -> torch.Tensor:

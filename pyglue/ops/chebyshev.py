@@ -32,10 +32,9 @@ from torch import Tensor
 from .. import _extension
 from .._dispatch import Operator
 from . import _checks
+from ._checks import FAST_DTYPES
 
 __all__ = ["chebyshev_fit", "chebyshev_eval", "chebyshev_forecast", "chebyshev_basis"]
-
-_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DEGREE = 30  # the compiled weight solve keeps P x P matrices on the stack
 
 
@@ -153,15 +152,6 @@ def _check_query(t_query: Tensor) -> None:
 # Compiled backends: host fp64 weights (csrc/include/diffkern/chebyshev.h) + snapshot combination
 # --------------------------------------------------------------------------------------------
 
-def _fast_check(feats_name: str):
-    def check(*args, **kwargs):
-        feats = args[1] if feats_name == "feats" else args[0]
-        if feats.dtype not in _FAST_DTYPES:
-            return [f"{feats_name} dtype {feats.dtype} is not supported (float32, float16, bfloat16)"]
-        return []
-    return check
-
-
 def _host(t: Tensor) -> Tensor:
     return t.detach().to("cpu", torch.float64).contiguous()
 
@@ -173,46 +163,39 @@ def _unit_stride_last(x: Tensor) -> Tensor:
 
 def _combine(weights: Tensor, feats: Tensor, out_dtype: torch.dtype) -> Tensor:
     weights = weights.to(device=feats.device, dtype=torch.float32).contiguous()
-    return torch.ops.diffkern.cheb_combine(weights, _unit_stride_last(feats), out_dtype)
+    return torch.ops.diffkern.chebyshev_combine_kernel(weights, _unit_stride_last(feats), out_dtype)
 
 
 def _fit_compiled(times, feats, degree, lam, t_min, t_max, penalize_intercept):
-    weights = torch.ops.diffkern.cheb_weights(_host(times), None, degree, lam, t_min, t_max, 1.0,
-                                              penalize_intercept)        # [S, P, K]
+    weights = torch.ops.diffkern.chebyshev_weights_kernel(_host(times), None, degree, lam, t_min, t_max, 1.0,
+                                                          penalize_intercept)        # [S, P, K]
     return _combine(weights, feats, torch.float32)
 
 
 def _eval_compiled(coeffs, t_query, degree, t_min, t_max, out_dtype):
-    basis = torch.ops.diffkern.cheb_basis(_host(t_query), degree, t_min, t_max)    # [S, Q, P]
+    basis = torch.ops.diffkern.chebyshev_basis_kernel(_host(t_query), degree, t_min, t_max)    # [S, Q, P]
     return _combine(basis, coeffs, out_dtype)
 
 
 def _forecast_compiled(times, feats, t_query, degree, lam, t_min, t_max, blend,
                        penalize_intercept, out_dtype):
-    weights = torch.ops.diffkern.cheb_weights(_host(times), _host(t_query), degree, lam, t_min,
-                                              t_max, blend, penalize_intercept)    # [S, Q, K]
+    weights = torch.ops.diffkern.chebyshev_weights_kernel(_host(times), _host(t_query), degree, lam, t_min,
+                                                          t_max, blend, penalize_intercept)    # [S, Q, K]
     return _combine(weights, feats, out_dtype)
 
 
-def _device_of_second(*args, **kwargs) -> torch.device:
-    return args[1].device
-
-
-def _device_of_first(*args, **kwargs) -> torch.device:
-    return args[0].device
-
-
-_fit_op = Operator("chebyshev_fit", _device_of_second)
-_eval_op = Operator("chebyshev_eval", _device_of_first)
-_forecast_op = Operator("chebyshev_forecast", _device_of_second)
+_fit_op = Operator("chebyshev_fit", device_of="feats")
+_eval_op = Operator("chebyshev_eval", device_of="coeffs")
+_forecast_op = Operator("chebyshev_forecast", device_of="feats")
 
 _fit_op.register("reference")(fit_reference)
 _eval_op.register("reference")(eval_reference)
 _forecast_op.register("reference")(forecast_reference)
-for _backend in ("cpu", "cuda"):
-    _fit_op.register(_backend, check=_fast_check("feats"))(_fit_compiled)
-    _eval_op.register(_backend, check=_fast_check("coeffs"))(_eval_compiled)
-    _forecast_op.register(_backend, check=_fast_check("feats"))(_forecast_compiled)
+for _backend in ("cpu", "cuda"):   # one compiled combination kernel per device
+    _fit_op.register(_backend, _fit_compiled, compiled="chebyshev_combine_kernel", dtypes={"feats": FAST_DTYPES})
+    _eval_op.register(_backend, _eval_compiled, compiled="chebyshev_combine_kernel", dtypes={"coeffs": FAST_DTYPES})
+    _forecast_op.register(_backend, _forecast_compiled, compiled="chebyshev_combine_kernel",
+                          dtypes={"feats": FAST_DTYPES})
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +247,7 @@ def _register_kernel_fakes() -> None:
     if not _extension.load()[0]:
         return
 
-    @torch.library.register_fake("diffkern::cheb_combine")
+    @torch.library.register_fake("diffkern::chebyshev_combine_kernel")
     def _(weights, feats, out_dtype):
         return feats.new_empty((feats.shape[0], weights.shape[1], feats.shape[2]), dtype=out_dtype)
 

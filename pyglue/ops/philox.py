@@ -18,6 +18,11 @@ Derived variates (all float64):
 * uniform ``u = (2 m + 1) 2^-53`` with ``m = (x1 >> 12) << 32 | x0``: exact, never 0 or 1;
 * normal: Box-Muller on the two uniforms of the counter's word pairs ``(x0, x1)`` and
   ``(x2, x3)``, ``sqrt(-2 ln u_a) cos(2 pi u_b)`` (one normal per counter).
+
+Uniforms are bit-identical in all three; normals agree to the last bits of the platform's log and
+cos. :func:`uniforms` / :func:`normals` are the spec; :func:`fast_uniforms` / :func:`fast_normals`
+return the same grids computed by the C++ op on CPU (``torch.ops.diffkern.philox_uniforms``) and
+the Triton helper on CUDA, where those are available.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["TAGS", "philox4x32_10", "uniform", "normal", "uniforms", "normals"]
+from .. import _dispatch
+
+__all__ = ["TAGS", "philox4x32_10", "uniform", "normal", "uniforms", "normals", "fast_uniforms", "fast_normals"]
 
 # Purpose tags, one per stream; a new family appends its own (4 bits: at most 15 purposes).
 TAGS = {
@@ -108,3 +115,27 @@ def normals(seed: int, offset: int, tag: int, rows: int, cols: int, *, row_start
             device: Union[str, torch.device] = "cpu") -> Tensor:
     """``[rows, cols]`` float64 standard normals of rows ``row_start ..`` and columns ``0 ..``."""
     return normal(seed, offset, tag, *_grid(rows, cols, row_start, device))
+
+
+def _fast(variate: str, seed: int, offset: int, tag: int, rows: int, cols: int, row_start: int, device) -> Tensor:
+    device = torch.device(device)
+    if device.type == "cpu" and _dispatch.has_compiled(f"philox_{variate}"):
+        return getattr(torch.ops.diffkern, f"philox_{variate}")(seed, offset, tag, rows, cols, row_start)
+    if device.type == "cuda" and _dispatch.backends()["triton"]:
+        from ..kernels import philox as kphilox
+        return getattr(kphilox, variate)(seed, offset, tag, rows, cols, row_start=row_start, device=device)
+    spec = uniforms if variate == "uniforms" else normals
+    return spec(seed, offset, tag, rows, cols, row_start=row_start, device=device)
+
+
+def fast_uniforms(seed: int, offset: int, tag: int, rows: int, cols: int, *, row_start: int = 0,
+                  device: Union[str, torch.device] = "cpu") -> Tensor:
+    """:func:`uniforms` (the same bits), computed by the compiled C++ op on CPU and by the Triton
+    helper on CUDA when available, else by :func:`uniforms` itself."""
+    return _fast("uniforms", seed, offset, tag, rows, cols, row_start, device)
+
+
+def fast_normals(seed: int, offset: int, tag: int, rows: int, cols: int, *, row_start: int = 0,
+                 device: Union[str, torch.device] = "cpu") -> Tensor:
+    """:func:`normals` computed like :func:`fast_uniforms` (equal to the last bits of libm)."""
+    return _fast("normals", seed, offset, tag, rows, cols, row_start, device)

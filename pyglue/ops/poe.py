@@ -23,9 +23,10 @@ key = the 64-bit ``seed``; counter = ``(column, row, offset_lo32, offset_hi28 | 
 ``row = b * K + k`` and the purpose ``tag`` (1 = draft, 2 = acceptance, 3 = residual), so draft
 and verification noise are disjoint streams. The uniform is ``(2 m + 1) 2^-53`` with ``m`` the 52
 bits ``(x1 >> 12) << 32 | x0`` of the first two Philox output words (exact in float64, never 0
-or 1). The same uniforms are produced by :func:`philox_uniforms` (torch), ``poe.h`` (C++) and
-``kernels/poe.py`` (Triton), so a fixed ``seed``/``offset`` gives the same tokens on every
-backend up to floating-point ties. ``seed=None`` draws a fresh seed from torch's default
+or 1). This is the shared stream of :mod:`diffkern.ops.philox` (``csrc/include/diffkern/philox.h``
+in C++, ``kernels/philox.py`` in Triton: the same bits), filled once per call on the host side
+of the operator, so a fixed ``seed``/``offset`` gives the same tokens on every backend up to
+floating-point ties. ``seed=None`` draws a fresh seed from torch's default
 generator; a ``torch.Generator`` is resolved to a seed in the Python wrapper (custom ops cannot
 take generators).
 
@@ -45,6 +46,13 @@ accumulate the CDFs in float64 in token-id order. Tests pick uniforms away from 
 Backends: ``reference`` (this file, float64, sort-based nucleus: the spec), ``cpu``
 (``csrc/cpu/poe.cpp`` + ``csrc/include/diffkern/poe.h``: one pass per row, radix-select nucleus,
 no sort), ``triton`` (``kernels/poe.py``: the same radix-select nucleus, 4 bits per pass).
+
+The fast backends share one contract, so errors and the verify epilogue are written once, here:
+their kernels do not raise on bad logits but count them in a status tensor ``[E, 3]`` of (NaN,
++inf, entirely -inf rows) per logits input (``poe_verify``: dlm_logits, ar_logits and the PoE
+logits); ``poe_verify``'s kernels return the first rejected index, the residual token and the
+two log-weight terms (accepted prefix, residual token), and :func:`_finish_verify` emits the
+corrected tokens, the parity mean and the outgoing log-weights.
 
 ``parity=True`` in :func:`poe_verify` reproduces the official code's choices
 (juntongshi48/poe-bridge, ``dream/generation_utils.py``):
@@ -69,15 +77,23 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import _extension
+from .. import _dispatch
 from .._dispatch import Operator
 from . import _checks, philox
+from ._checks import FAST_DTYPES
 
 __all__ = ["poe_draft", "poe_verify", "product_of_experts", "PoEVerifyResult", "philox_uniforms",
            "TAG_DRAFT", "TAG_ACCEPT", "TAG_RESIDUAL"]
 
 TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL = (philox.TAGS[k] for k in ("poe_draft", "poe_accept", "poe_residual"))
-_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The input errors of the family, written once (the reference raises them itself; the fast
+# backends' status counters are raised from in _raise_status).
+_POS_INF = "{name}: contains +inf logits (only -inf, i.e. masked tokens, are legal)"
+_NAN = "{name}: contains NaN logits; pass allow_nan=True to treat NaN as -inf (masked)"
+_EMPTY_ROW = "{name}: every row needs at least one finite logit; {which} is entirely -inf"
+_EMPTY_POE = ("dlm_logits/ar_logits: a row of the PoE logits w*l_D + (1-w)*l_AR is entirely -inf "
+              "(no token allowed by both experts){where}")
 
 
 class PoEVerifyResult(NamedTuple):
@@ -89,7 +105,8 @@ class PoEVerifyResult(NamedTuple):
 
 def philox_uniforms(seed: int, offset: int, tag: int, rows: int, cols: int,
                     device: Union[str, torch.device] = "cpu") -> Tensor:
-    """``[rows, cols]`` float64 uniforms in (0, 1) of the stream (seed, offset, tag) (see module doc)."""
+    """``[rows, cols]`` float64 uniforms in (0, 1) of the stream (seed, offset, tag) (see module doc);
+    :func:`diffkern.ops.philox.uniforms`."""
     return philox.uniforms(seed, offset, tag, rows, cols, device=device)
 
 
@@ -133,18 +150,25 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
     return idx.clamp_max(weights.shape[-1] - 1)
 
 
+def _check_logits(name: str, x: Tensor, allow_nan: bool) -> None:
+    if bool(torch.isposinf(x).any()):
+        raise ValueError(_POS_INF.format(name=name))
+    if not allow_nan and bool(torch.isnan(x).any()):
+        raise ValueError(_NAN.format(name=name))
+
+
 def _check_rows(name: str, logits: Tensor) -> None:
     finite_any = (logits > -math.inf).any(-1)
     if not bool(finite_any.all()):
         bad = tuple(int(i) for i in (~finite_any).nonzero()[0])
-        raise ValueError(f"{name}: every row needs at least one finite logit; row {bad} of shape "
-                         f"{tuple(logits.shape)} is entirely -inf")
+        raise ValueError(_EMPTY_ROW.format(name=name, which=f"row {bad} of shape {tuple(logits.shape)}"))
 
 
 def draft_reference(dlm_logits: Tensor, temperatures: Tensor, top_p: float, uniforms: Tensor,
                     allow_nan: bool) -> tuple[Tensor, Tensor]:
     B, W, V = dlm_logits.shape
     K = temperatures.shape[1]
+    _check_logits("dlm_logits", dlm_logits, allow_nan)
     logits = _nan_to_neg_inf(dlm_logits.double()) if allow_nan else dlm_logits.double()
     _check_rows("dlm_logits", logits)
     tokens = torch.empty(B, K, W, dtype=torch.int64, device=dlm_logits.device)
@@ -162,6 +186,8 @@ def verify_reference(dlm_logits: Tensor, ar_logits: Tensor, draft_tokens: Tensor
                      log_weights: Tensor, weight: float, top_p: float, target_temperature: float,
                      uniforms: Tensor, parity: bool, allow_nan: bool):
     """``dlm_logits`` and ``ar_logits`` are ``[B, K, W, V]`` here (dlm possibly stride-0 in K)."""
+    _check_logits("dlm_logits", dlm_logits, allow_nan)
+    _check_logits("ar_logits", ar_logits, allow_nan)
     B, K, W, V = ar_logits.shape
     w = weight
     temps = temperatures.double()                                   # [B, K]
@@ -189,8 +215,7 @@ def verify_reference(dlm_logits: Tensor, ar_logits: Tensor, draft_tokens: Tensor
         for name, t in (("dlm_logits", l_d), ("ar_logits", l_a)):
             _check_rows(name, t)
         if not bool(torch.isfinite(log_p.amax(-1)).all()):
-            raise ValueError("dlm_logits/ar_logits: a row of the PoE logits w*l_D + (1-w)*l_AR is "
-                             f"entirely -inf (no token allowed by both experts) at window position {j}")
+            raise ValueError(_EMPTY_POE.format(where=f" at window position {j}"))
         x = draft_tokens[:, :, j].unsqueeze(-1)
         qx = q.gather(-1, x).squeeze(-1)
         lpx = log_p.gather(-1, x).squeeze(-1)
@@ -233,7 +258,7 @@ def verify_reference(dlm_logits: Tensor, ar_logits: Tensor, draft_tokens: Tensor
     return num_accepted, tokens, out_lw, corrected
 
 
-def poe_reference(logits: Sequence[Tensor], weights: Sequence[float], temperature: float) -> Tensor:
+def product_of_experts_reference(logits: Sequence[Tensor], weights: Sequence[float], temperature: float) -> Tensor:
     compute = torch.float64 if any(t.dtype == torch.float64 for t in logits) else torch.float32
     acc, masked = None, None
     for lg, w in zip(logits, weights):
@@ -257,13 +282,6 @@ def _check_temperatures(name: str, temps: Tensor) -> None:
         raise ValueError(f"{name}: every temperature must be finite and > 0, got {t.flatten()[:8].tolist()}")
 
 
-def _check_nan(name: str, x: Tensor, allow_nan: bool) -> None:
-    if bool(torch.isposinf(x).any()):
-        raise ValueError(f"{name}: contains +inf logits (only -inf, i.e. masked tokens, are legal)")
-    if not allow_nan and bool(torch.isnan(x).any()):
-        raise ValueError(f"{name}: contains NaN logits; pass allow_nan=True to treat NaN as -inf (masked)")
-
-
 def _check_uniforms(u: Tensor) -> None:
     if not bool(((u >= 0) & (u < 1)).all()):
         raise ValueError("uniforms: every value must lie in [0, 1)")
@@ -276,23 +294,47 @@ def _check_tokens(tokens: Tensor, V: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Compiled backends
+# Fast backends (cpu, triton): one contract, so errors and the epilogue are written once
 # --------------------------------------------------------------------------------------------
 
-def _cpu_has(op: str) -> bool:
-    return _extension.load()[0] and hasattr(torch.ops.diffkern, op)
+def _raise_status(status: Tensor, names: Sequence[Optional[str]], allow_nan: bool) -> None:
+    """Raise the first error of a fast kernel's status ``[E, 3]`` = (NaN, +inf, entirely -inf
+    rows) per logits input named in ``names`` (None: the PoE logits), in the reference's order."""
+    counts = status.tolist()
+    for name, (nan, pinf, _) in zip(names, counts):
+        if name is not None and pinf:
+            raise ValueError(_POS_INF.format(name=name))
+        if name is not None and nan and not allow_nan:
+            raise ValueError(_NAN.format(name=name))
+    for name, (_, _, empty) in zip(names, counts):
+        if empty:
+            raise ValueError(_EMPTY_POE.format(where="") if name is None else
+                             _EMPTY_ROW.format(name=name, which="a row"))
 
 
-def _cpu_check(op: str, *tensors_idx):
-    def check(*args, **kwargs):
-        if not _cpu_has(op):
-            return [f"diffkern._C has no {op} (rebuild the extension)"]
-        why = []
-        for i in tensors_idx:
-            if args[i].dtype not in _FAST_DTYPES:
-                why.append(f"dtype {args[i].dtype} is not supported (float32, float16, bfloat16)")
-        return why
-    return check
+def _finish_draft(raw, dlm_logits, temperatures, top_p, uniforms, allow_nan):
+    """``(tokens, log_q, status)`` of a fast draft kernel -> ``(tokens, log_q)``."""
+    tokens, log_q, status = raw
+    _raise_status(status, ("dlm_logits",), allow_nan)
+    return tokens, log_q
+
+
+def _finish_verify(raw, dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weight, top_p,
+                   target_temperature, uniforms, parity, allow_nan):
+    """``(num_accepted, residual token, prefix term, residual term, status)`` of a fast verify
+    kernel -> :class:`PoEVerifyResult`: the corrected token at the first rejection, the parity
+    mean over emitted tokens, the incoming log-weights added (float64, then float32)."""
+    num_accepted, residual, prefix_term, residual_term, status = raw
+    _raise_status(status, ("dlm_logits", "ar_logits", None), allow_nan)
+    W = draft_tokens.shape[2]
+    corrected = num_accepted < W
+    j = num_accepted.clamp_max(W - 1).unsqueeze(-1)
+    tokens = draft_tokens.clone()
+    tokens.scatter_(2, j, torch.where(corrected, residual, tokens.gather(2, j).squeeze(-1)).unsqueeze(-1))
+    term = prefix_term + torch.where(corrected, residual_term, torch.zeros_like(residual_term))
+    if parity:
+        term = term / (num_accepted + corrected.long()).clamp_min(1).double()
+    return num_accepted, tokens, (log_weights.double() + term).float(), corrected
 
 
 def _unit_last(x: Tensor) -> Tensor:
@@ -301,78 +343,40 @@ def _unit_last(x: Tensor) -> Tensor:
 
 def _draft_cpu(dlm_logits, temperatures, top_p, uniforms, allow_nan):
     return torch.ops.diffkern.poe_draft_kernel(_unit_last(dlm_logits), temperatures.float().contiguous(),
-                                               top_p, uniforms.double().contiguous(), allow_nan)
+                                               top_p, uniforms.double().contiguous())
 
 
 def _verify_cpu(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weight, top_p,
                 target_temperature, uniforms, parity, allow_nan):
-    return tuple(torch.ops.diffkern.poe_verify_kernel(
+    return torch.ops.diffkern.poe_verify_kernel(
         _unit_last(dlm_logits), _unit_last(ar_logits), draft_tokens.contiguous(),
-        temperatures.float().contiguous(), log_weights.float().contiguous(), weight, top_p,
-        target_temperature, uniforms.double().contiguous(), parity, allow_nan))
+        temperatures.float().contiguous(), weight, top_p, target_temperature, uniforms.double().contiguous(),
+        parity, allow_nan)
 
 
-def _poe_cpu(logits, weights, temperature):
-    return torch.ops.diffkern.poe_combine_kernel([_unit_last(t) for t in logits], list(weights), temperature)
+def _product_of_experts_cpu(logits, weights, temperature):
+    return torch.ops.diffkern.product_of_experts_kernel([_unit_last(t) for t in logits], list(weights),
+                                                        temperature)
 
 
-def _triton_check(kind: str):
-    def check(*args, **kwargs):
-        try:
-            from ..kernels import poe as kpoe  # noqa: F401
-        except Exception as exc:  # pragma: no cover - depends on the install
-            return [f"diffkern.kernels.poe failed to import ({exc})"]
-        why = []
-        tensors = args[0] if kind == "poe" else args[:1]
-        bad = [str(t.dtype) for t in tensors if t.dtype not in _FAST_DTYPES]
-        if bad:
-            why.append(f"dtype {bad[0]} is not supported (float32, float16, bfloat16)")
-        return why
-    return check
-
-
-def _draft_triton(*args):
-    from ..kernels import poe as kpoe
-    return kpoe.draft(*args)
-
-
-def _verify_triton(*args):
-    from ..kernels import poe as kpoe
-    return kpoe.verify(*args)
-
-
-def _poe_triton(*args):
-    from ..kernels import poe as kpoe
-    return kpoe.combine(*args)
-
-
-def _device_of_first(*args, **kwargs) -> torch.device:
-    a = args[0]
-    return a[0].device if isinstance(a, (list, tuple)) else a.device
-
-
-_draft_op = Operator("poe_draft", _device_of_first)
-_verify_op = Operator("poe_verify", _device_of_first)
-_poe_op = Operator("product_of_experts", _device_of_first)
+_draft_op = Operator("poe_draft", device_of="dlm_logits")
+_verify_op = Operator("poe_verify", device_of="dlm_logits")
+_poe_op = Operator("product_of_experts", device_of="logits")
 
 _draft_op.register("reference")(draft_reference)
 _verify_op.register("reference")(verify_reference)
-_poe_op.register("reference")(poe_reference)
-_draft_op.register("cpu", check=_cpu_check("poe_draft_kernel", 0))(_draft_cpu)
-_verify_op.register("cpu", check=_cpu_check("poe_verify_kernel", 0, 1))(_verify_cpu)
-
-
-def _poe_cpu_check(logits, weights, temperature):
-    if not _cpu_has("poe_combine_kernel"):
-        return ["diffkern._C has no poe_combine_kernel (rebuild the extension)"]
-    bad = [str(t.dtype) for t in logits if t.dtype not in _FAST_DTYPES]
-    return [f"dtype {bad[0]} is not supported (float32, float16, bfloat16)"] if bad else []
-
-
-_poe_op.register("cpu", check=_poe_cpu_check)(_poe_cpu)
-_draft_op.register("triton", check=_triton_check("draft"))(_draft_triton)
-_verify_op.register("triton", check=_triton_check("verify"))(_verify_triton)
-_poe_op.register("triton", check=_triton_check("poe"))(_poe_triton)
+_poe_op.register("reference")(product_of_experts_reference)
+_draft_op.register("cpu", _draft_cpu, compiled="poe_draft_kernel", dtypes={"dlm_logits": FAST_DTYPES},
+                   finish=_finish_draft)
+_verify_op.register("cpu", _verify_cpu, compiled="poe_verify_kernel",
+                    dtypes={"dlm_logits": FAST_DTYPES, "ar_logits": FAST_DTYPES}, finish=_finish_verify)
+_poe_op.register("cpu", _product_of_experts_cpu, compiled="product_of_experts_kernel",
+                 dtypes={"logits": FAST_DTYPES})
+_draft_op.register("triton", "diffkern.kernels.poe:poe_draft", dtypes={"dlm_logits": FAST_DTYPES},
+                   finish=_finish_draft)
+_verify_op.register("triton", "diffkern.kernels.poe:poe_verify", dtypes={"dlm_logits": FAST_DTYPES},
+                    finish=_finish_verify)
+_poe_op.register("triton", "diffkern.kernels.poe:product_of_experts", dtypes={"logits": FAST_DTYPES})
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,11 +384,7 @@ _poe_op.register("triton", check=_triton_check("poe"))(_poe_triton)
 # --------------------------------------------------------------------------------------------
 
 def _stream(seed: int, offset: int, tag: int, B: int, K: int, cols: int, device) -> Tensor:
-    if _cpu_has("poe_philox_uniforms") and torch.device(device).type == "cpu":
-        u = torch.ops.diffkern.poe_philox_uniforms(seed, offset, tag, B * K, cols)
-    else:
-        u = philox_uniforms(seed, offset, tag, B * K, cols, device)
-    return u.view(B, K, cols)
+    return philox.fast_uniforms(seed, offset, tag, B * K, cols, device=device).view(B, K, cols)
 
 
 @torch.library.custom_op("diffkern::poe_draft", mutates_args=())
@@ -397,11 +397,7 @@ def _poe_draft(dlm_logits: Tensor, temperatures: Tensor, top_p: float, seed: int
         uniforms = _stream(seed, offset, TAG_DRAFT, B, K, W, dlm_logits.device)
     else:
         _check_uniforms(uniforms)
-    args = (dlm_logits, temperatures, top_p, uniforms, allow_nan)
-    backend = _draft_op.select(*args)
-    if backend == "reference":   # the fast backends detect NaN / +inf during their single pass
-        _check_nan("dlm_logits", dlm_logits, allow_nan)
-    return _draft_op.impls[backend].fn(*args)
+    return _draft_op(dlm_logits, temperatures, top_p, uniforms, allow_nan)
 
 
 @_poe_draft.register_fake
@@ -425,13 +421,8 @@ def _poe_verify(dlm_logits: Tensor, ar_logits: Tensor, draft_tokens: Tensor, tem
                               _stream(seed, offset, TAG_RESIDUAL, B, K, 1, ar_logits.device)], dim=-1)
     else:
         _check_uniforms(uniforms)
-    args = (dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weight, top_p,
-            target_temperature, uniforms, parity, allow_nan)
-    backend = _verify_op.select(*args)
-    if backend == "reference":
-        _check_nan("dlm_logits", dlm_logits, allow_nan)
-        _check_nan("ar_logits", ar_logits, allow_nan)
-    return tuple(_verify_op.impls[backend].fn(*args))
+    return tuple(_verify_op(dlm_logits, ar_logits, draft_tokens, temperatures, log_weights, weight, top_p,
+                            target_temperature, uniforms, parity, allow_nan))
 
 
 @_poe_verify.register_fake
@@ -458,25 +449,25 @@ def _(logits, weights, temperature):
 
 def _register_kernel_fakes() -> None:
     """Fake kernels for the C++ ops, so they can be traced on their own too."""
-    if not _extension.load()[0]:
-        return
-    if hasattr(torch.ops.diffkern, "poe_draft_kernel"):
+    if _dispatch.has_compiled("poe_draft_kernel"):
         @torch.library.register_fake("diffkern::poe_draft_kernel")
-        def _(logits, temps, top_p, uniforms, allow_nan):
+        def _(logits, temps, top_p, uniforms):
             B, W, _ = logits.shape
             K = temps.shape[1]
             return (logits.new_empty((B, K, W), dtype=torch.int64),
-                    logits.new_empty((B, K, W), dtype=torch.float32))
+                    logits.new_empty((B, K, W), dtype=torch.float32),
+                    logits.new_empty((1, 3), dtype=torch.int64, device="cpu"))
 
-    if hasattr(torch.ops.diffkern, "poe_verify_kernel"):
+    if _dispatch.has_compiled("poe_verify_kernel"):
         @torch.library.register_fake("diffkern::poe_verify_kernel")
-        def _(dlm, ar, drafts, temps, lw, weight, top_p, t_star, uniforms, parity, allow_nan):
-            B, K, W, _ = ar.shape
-            return (ar.new_empty((B, K), dtype=torch.int64), ar.new_empty((B, K, W), dtype=torch.int64),
-                    ar.new_empty((B, K), dtype=torch.float32), ar.new_empty((B, K), dtype=torch.bool))
+        def _(dlm, ar, drafts, temps, weight, top_p, t_star, uniforms, parity, allow_nan):
+            B, K, _, _ = ar.shape
+            return (ar.new_empty((B, K), dtype=torch.int64), ar.new_empty((B, K), dtype=torch.int64),
+                    ar.new_empty((B, K), dtype=torch.float64), ar.new_empty((B, K), dtype=torch.float64),
+                    ar.new_empty((3, 3), dtype=torch.int64, device="cpu"))
 
-    if hasattr(torch.ops.diffkern, "poe_combine_kernel"):
-        @torch.library.register_fake("diffkern::poe_combine_kernel")
+    if _dispatch.has_compiled("product_of_experts_kernel"):
+        @torch.library.register_fake("diffkern::product_of_experts_kernel")
         def _(logits, weights, temperature):
             return logits[0].new_empty(logits[0].shape, dtype=torch.float32)
 

@@ -8,13 +8,13 @@ c10 includes) so that this compile works without a CUDA torch.
 
 Register budgets (nvcc 13.0 measurements in csrc/cuda/chebyshev_kernels.cu's header comment):
 
-* ``cheb_combine_kernel`` vector variant (V > 1): 80. Measured 78-80 for 16-bit inputs (4 outputs
+* ``chebyshev_combine_kernel`` vector variant (V > 1): 80. Measured 78-80 for 16-bit inputs (4 outputs
   x 8 elements = 32 fp32 accumulators plus two 16-byte loads in flight) and 54-64 for f32/f64
   inputs. 80 is the largest count that keeps 3 blocks of 256 threads (24 warps) resident per SM
   (65536 / (3 * 256) = 85, allocated in units of 8). The kernel's __launch_bounds__(256, 3) makes
   ptxas hold that line, so the check that really guards it is "0 spills": if the code grows past
   80 registers, ptxas spills instead and this test fails.
-* ``cheb_combine_kernel`` scalar variant (V = 1): 56. Measured 43-48; 56 keeps 4 blocks/SM.
+* ``chebyshev_combine_kernel`` scalar variant (V = 1): 56. Measured 43-48; 56 keeps 4 blocks/SM.
 * anything else: 64 until it gets its own measured budget.
 """
 
@@ -38,8 +38,8 @@ CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 
 # (regex on the mangled kernel name, register budget); first match wins.
 REGISTER_BUDGETS = [
-    (re.compile(r"cheb_combine_kernel.*Li1EEEv"), 56),   # scalar variant, V = 1
-    (re.compile(r"cheb_combine_kernel"), 80),            # 16-byte vector variants
+    (re.compile(r"chebyshev_combine_kernel.*Li1EEEv"), 56),   # scalar variant, V = 1
+    (re.compile(r"chebyshev_combine_kernel"), 80),            # 16-byte vector variants
     (re.compile(r"."), 64),
 ]
 
@@ -136,8 +136,40 @@ def test_ptxas_resources(builds, cu, arch):
     assert not problems, f"{cu.name} ({arch}):\n  " + "\n  ".join(problems)
 
 
-def test_cheb_combine_instantiations(builds):
+def test_chebyshev_combine_kernel_instantiations(builds):
     """All 4 x 4 dtype pairs x {vector, scalar} kernels exist for every arch."""
     for arch in ARCHS:
-        names = [n for n in builds[("chebyshev_kernels.cu", arch)]["kernels"] if "cheb_combine_kernel" in n]
-        assert len(names) == 32, f"{arch}: expected 32 cheb_combine_kernel instantiations, got {len(names)}"
+        names = [n for n in builds[("chebyshev_kernels.cu", arch)]["kernels"] if "chebyshev_combine_kernel" in n]
+        assert len(names) == 32, f"{arch}: expected 32 chebyshev_combine_kernel instantiations, got {len(names)}"
+
+
+_HEADER_PROBE = r"""
+// Device use of the torch-free shared headers (written by tests/compile/test_nvcc.py).
+#include <cstdint>
+#include "diffkern/philox.h"
+#include "diffkern/poe.h"
+
+__global__ void shared_header_probe(double* u, double* z, float* e, uint64_t seed, uint64_t offset, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  u[i] = diffkern::philox::uniform(seed, offset, 4, static_cast<uint32_t>(i), 7u);
+  z[i] = diffkern::philox::normal(seed, offset, 5, 3u, static_cast<uint32_t>(i));
+  e[i] = diffkern::poe::fast_exp(-static_cast<float>(u[i])) + diffkern::to_float(diffkern::bf16_t{uint16_t(i)});
+}
+"""
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_headers_compile_for_the_device(tmp_path, arch):
+    """csrc/include/diffkern/philox.h and poe.h are __host__ __device__ code: a kernel using them
+    compiles for sm_80/sm_90 without spills. (philox::normal's double cos keeps CUDA's 40-byte
+    argument-reduction frame for huge arguments, so a stack frame is not asserted away here.)"""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: CUDA compile checks skipped")
+    cu = tmp_path / "shared_header_probe.cu"
+    cu.write_text(_HEADER_PROBE)
+    build = _compile(nvcc, cu, arch, tmp_path)
+    assert build["returncode"] == 0, f"{build['cmd']} failed:\n{build['report'][-4000:]}"
+    (info,) = build["kernels"].values()
+    assert not info.get("spill_stores") and not info.get("spill_loads"), info
