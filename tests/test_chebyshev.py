@@ -24,21 +24,17 @@ from diffkern import _dispatch
 from diffkern.ops import chebyshev as cheb_mod
 from diffkern.ops import chebyshev_eval, chebyshev_fit, chebyshev_forecast
 
+from conftest import backends_of, need
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 T_RANGE = (0.0, 50.0)
 
-ALL_BACKENDS = ["reference", "cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-FAST_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+ALL_BACKENDS = backends_of("chebyshev_forecast")                    # reference, cpu, cuda (marked)
+FAST_BACKENDS = backends_of("chebyshev_forecast", reference=False)
 
 
 def _device(backend: str) -> str:
     return "cuda" if backend == "cuda" else "cpu"
-
-
-def _need(backend: str) -> None:
-    status = diffkern.backends()[backend]
-    if not status.available:
-        pytest.skip(f"{backend} backend unavailable: {status.reason}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +189,7 @@ def numpy_truth(times, feats, tq, kw, blend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_forecast_and_fit_match_numpy(backend, dtype, case):
-    _need(backend)
+    need(backend)
     dev = _device(backend)
     times, feats, tq, kw, blend = make_case(case, dtype)
     C_np, Y_np, sc, sy = numpy_truth(times, feats, tq, kw, blend)
@@ -216,7 +212,7 @@ def test_forecast_and_fit_match_numpy(backend, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_backend_matches_reference(backend, dtype, case):
-    _need(backend)
+    need(backend)
     dev = _device(backend)
     times, feats, tq, kw, blend = make_case(case, dtype, seed=7)
     coeffs = torch.randn(feats.shape[0], kw["degree"] + 1, feats.shape[2],
@@ -266,7 +262,7 @@ def test_reference_float64_matches_numpy_tightly():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_large_odd_N(backend, dtype):
-    _need(backend)
+    need(backend)
     dev = _device(backend)
     S, K, N, Q = 2, 8, 4099, 5
     times = make_times(S, K, True, 11)
@@ -325,7 +321,7 @@ def _strided_view(contig: torch.Tensor, layout: str) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_strided_feats(backend, dtype, layout, monkeypatch):
-    _need(backend)
+    need(backend)
     S, K, N, Q = 3, 7, 67, 5
     times = make_times(S, K, True, 21)
     feats = make_feats(times, S, N, dtype, 22)
@@ -359,7 +355,7 @@ def test_strided_feats(backend, dtype, layout, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blend", [1.0, 0.4])
 def test_cpu_forecast_stride0_expand_over_S(dtype, blend):
-    _need("cpu")
+    need("cpu")
     S, K, N, Q = 4, 6, 70, 3
     times = make_times(S, K, True, 31)                 # per-stream times: outputs differ per stream
     one = make_feats(times[:1], 1, N, dtype, 32)
@@ -440,7 +436,7 @@ _BAD = _bad_cases()
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("name", list(_BAD))
 def test_bad_input(backend, name):
-    _need(backend)
+    need(backend)
     call, exc, arg = _BAD[name]
     with diffkern.use_backend(backend), pytest.raises(exc) as info:
         call()
@@ -449,7 +445,7 @@ def test_bad_input(backend, name):
 
 
 def test_forced_backend_that_cannot_run_raises_backend_error():
-    _need("cpu")
+    need("cpu")
     t, f, q = _ok()
     with diffkern.use_backend("cpu"), pytest.raises(diffkern.BackendError) as info:
         chebyshev_forecast(t, f.double(), q)
@@ -474,7 +470,7 @@ def test_use_backend_unknown_name():
 @pytest.mark.parametrize("lam", [1e-8, 1e-11])
 def test_near_singular_legal_call_is_finite(backend, lam):
     """Duplicate times and K < P are legal for lam > 0: the answer must be finite (never NaN)."""
-    _need(backend)
+    need(backend)
     times = torch.tensor([[1.0, 1.0, 2.0, 2.0], [3.0, 3.0, 3.0, 5.0]], dtype=torch.float64)
     feats = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
     tq = torch.tensor([3.0, 6.0])
@@ -490,7 +486,7 @@ def test_near_singular_legal_call_is_finite(backend, lam):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_extremely_small_lam_is_finite_or_value_error(backend):
-    _need(backend)
+    need(backend)
     times = torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64)
     feats = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
     with diffkern.use_backend(backend):
@@ -506,7 +502,7 @@ def test_extremely_small_lam_is_finite_or_value_error(backend):
 def test_numerically_singular_system_is_a_value_error_on_every_backend(backend):
     # lam=0, degree 7 on times 0..7 squeezed into a tiny corner of t_range: distinct times, but
     # the normal equations are singular to fp64 precision (the reference used to return noise).
-    _need(backend)
+    need(backend)
     times = torch.arange(8, dtype=torch.float64)
     feats = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(2))
     with diffkern.use_backend(backend), pytest.raises(ValueError, match="times: .*numerically singular"):
@@ -530,7 +526,7 @@ def test_backends_table():
 
 
 def test_env_var_forces_reference(monkeypatch):
-    _need("cpu")
+    need("cpu")
     calls = []
     for backend in ("reference", "cpu"):
         impl = cheb_mod._forecast_op.impls[backend]
@@ -566,7 +562,7 @@ def test_env_var_forces_reference(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck(backend):
-    _need(backend)
+    need(backend)
     S, K, N, Q = 2, 5, 9, 3
     times = make_times(S, K, True, 41)
     feats = make_feats(times, S, N, torch.float32, 42)
@@ -586,7 +582,7 @@ def test_opcheck(backend):
 
 
 def test_opcheck_chebyshev_combine_kernel():
-    _need("cpu")
+    need("cpu")
     g = torch.Generator().manual_seed(45)
     S, Q, K, N = 2, 5, 4, 70
     weights = torch.randn(S, Q, K, generator=g)

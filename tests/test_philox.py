@@ -8,7 +8,7 @@ from scipy import stats
 import diffkern
 from diffkern.ops import philox, poe_draft, poe_verify
 
-from conftest import available
+from conftest import available, backends_of, need
 
 
 def test_known_answer():
@@ -26,10 +26,9 @@ _PINNED_VERIFY = [[[28, 32, 33, 23, 34], [23, 29, 34, 0, 19], [6, 28, 17, 16, 22
                   [[31, 26, 5, 30, 4], [31, 3, 3, 34, 4], [8, 15, 36, 12, 4]]]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", backends_of("poe_draft"))
 def test_poe_tokens_pinned(backend):
-    if not available(backend):
-        pytest.skip(f"{backend} backend unavailable")
+    need(backend)
     g = torch.Generator().manual_seed(0)
     dlm = torch.randn(2, 5, 37, generator=g)
     ar = torch.randn(2, 3, 5, 37, generator=g)

@@ -15,20 +15,15 @@ import torch
 import diffkern
 from diffkern.ops import poe
 
-from conftest import available
+from conftest import backends_of, need
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
 N = 20_000
 V = 6
 ALPHA = 1e-4
-BACKENDS = ["reference", "cpu"]
-# + triton on one top_p < 1 case per test: the interpreter takes ~10 s per 20,000-row nucleus call
-
-
-def _need(backend):
-    if not available(backend):
-        pytest.skip(f"{backend} backend unavailable: {diffkern.backends()[backend].reason}")
+# triton only on one top_p < 1 case per test: the interpreter takes ~10 s per 20,000-row nucleus call
+BACKENDS = backends_of("poe_verify", exclude=("triton",))
 
 
 def _chi2(samples: torch.Tensor, probs: torch.Tensor, what: str):
@@ -58,7 +53,7 @@ TEMPS = torch.tensor([0.5, 1.0, 2.0])
 @pytest.mark.parametrize("backend,top_p", [(b, p) for b in BACKENDS for p in (1.0, 0.8)] +
                          [("triton", 0.8)])
 def test_draft_follows_q(backend, top_p):
-    _need(backend)
+    need(backend)
     d, _ = _rows()
     dlm = d.float().unsqueeze(0).expand(N, 2, V)                        # stride-0 over B
     with diffkern.use_backend(backend):
@@ -75,7 +70,7 @@ def test_draft_follows_q(backend, top_p):
                          [("triton", 0.3, 0.8)])
 def test_emitted_token_follows_poe_target(backend, w, top_p):
     """The emitted token at position 0 (accepted draft or correction) is distributed as p."""
-    _need(backend)
+    need(backend)
     d, a = _rows()
     dlm = d.float().unsqueeze(0).expand(N, 2, V)
     ar = a.float().unsqueeze(0).expand(N, 3, 2, V)
@@ -93,7 +88,7 @@ def test_emitted_token_follows_poe_target(backend, w, top_p):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_importance_weights_are_unbiased(backend):
     """W = 1: log_weights = log a(x) - log p(x) with x ~ p, so E[exp(log_weights)] = a(supp p)."""
-    _need(backend)
+    need(backend)
     d, a = _rows()
     a = a.clone()
     a[:, :, 1] = 0.0               # the AR target must cover the PoE support for a finite mean
@@ -114,7 +109,7 @@ def test_importance_weights_are_unbiased(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fixed_seed_is_bitwise_reproducible(backend):
-    _need(backend)
+    need(backend)
     d, a = _rows()
     dlm = d.float().unsqueeze(0).expand(64, 2, V)
     ar = a.float().unsqueeze(0).expand(64, 3, 2, V)

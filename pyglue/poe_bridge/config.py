@@ -24,7 +24,9 @@ class PoEBridgeConfig:
         temperature, high_temperature, anneal, n_low_temp: particle temperatures. With ``anneal``:
             ``T[:n_low-1] = T`` and ``T[n_low-1:] = linspace(T, T_hi, K - n_low + 1)``; without:
             ``n_low`` particles at T, the rest at T_hi.
-        top_p: nucleus of the draft (computed on the untempered DLM logits, as in the official code).
+        top_p: nucleus of the draft, taken on the *tempered* DLM distribution softmax(l_D / T_k), so
+            q is exactly the distribution each particle draws from (the official code takes it on
+            the untempered logits; see :mod:`diffkern.ops.poe`).
         selection: ``"resample"`` (draw the winner ∝ importance weight) or ``"argmax"``.
         weights: ``"principled"`` (log p_AR,T*(x) - log p_PoE(x) summed over emitted tokens) or
             ``"parity"`` (the official raw-logit energy, averaged over emitted tokens).

@@ -8,9 +8,9 @@
 Baselines in the same framework: ``FORAConfig``, ``TaylorSeerConfig`` (pass them to ``enable``).
 """
 
-from .baselines import FORACache, TaylorSeerCache, make_cache
+from .baselines import FORACache, TaylorSeerCache
 from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
-from .forecaster import FeatureCache, SpectrumForecaster
+from .forecaster import FeatureCache, SpectrumForecaster, make_cache
 from .hooks import BlockAdapter, SpectrumState, disable, enable, reset, state
 from .schedule import fixed_interval_steps, real_steps
 

@@ -1,23 +1,26 @@
-"""Baselines in the same framework as Spectrum (same hook point, same warm-up): FORA and TaylorSeer."""
+"""Baselines in the same framework as Spectrum (same hook point, same warm-up): FORA and TaylorSeer.
+Each cache declares the config it implements (``config_type``); :func:`diffkern.spectrum.make_cache`
+picks the cache of a config from those declarations."""
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import Tensor
 
-from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
-from .forecaster import FeatureCache, SpectrumForecaster
+from .config import FORAConfig, TaylorSeerConfig
+from .forecaster import FeatureCache
 
-__all__ = ["FORACache", "TaylorSeerCache", "make_cache"]
+__all__ = ["FORACache", "TaylorSeerCache"]
 
 
 class FORACache(FeatureCache):
     """FORA: the forecast is the feature of the last real step (plain reuse)."""
 
     name = "fora"
+    config_type = FORAConfig
 
     def __init__(self, config: FORAConfig, num_steps: int) -> None:
         super().__init__(config, num_steps)
@@ -51,6 +54,7 @@ class TaylorSeerCache(FeatureCache):
     ``sum_i D_i x^i / i!`` over the factors present (official ``taylor_formula``)."""
 
     name = "taylorseer"
+    config_type = TaylorSeerConfig
 
     def __init__(self, config: TaylorSeerConfig, num_steps: int) -> None:
         super().__init__(config, num_steps)
@@ -65,6 +69,8 @@ class TaylorSeerCache(FeatureCache):
         return len(self._factors.get(group, ()))
 
     def ready(self, group: int) -> bool:
+        """One real step suffices: the formula uses the factors present (order 0 until a second
+        real step), as the official code does."""
         return self.recorded(group) >= 1
 
     def record(self, group: int, step: int, feat: Tensor) -> None:
@@ -91,14 +97,3 @@ class TaylorSeerCache(FeatureCache):
         for i in range(1, len(factors)):
             out = out + factors[i].to(acc) * (x ** i / math.factorial(i))
         return out.to(factors[0].dtype)
-
-
-def make_cache(config, num_steps: Optional[int] = None) -> FeatureCache:
-    n = config.num_steps if num_steps is None else num_steps
-    if isinstance(config, SpectrumConfig):
-        return SpectrumForecaster(config, n)
-    if isinstance(config, FORAConfig):
-        return FORACache(config, n)
-    if isinstance(config, TaylorSeerConfig):
-        return TaylorSeerCache(config, n)
-    raise TypeError(f"config: expected SpectrumConfig, FORAConfig or TaylorSeerConfig, got {type(config).__name__}")

@@ -166,7 +166,3 @@ class TaylorSeerConfig:
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("num_steps", self.num_steps, 1)
         object.__setattr__(self, "schedule", _check_schedule(self.schedule, self.num_steps))
-
-    @property
-    def min_history(self) -> int:
-        return self.order + 1

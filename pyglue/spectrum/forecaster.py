@@ -8,7 +8,7 @@ features in their own dtype; nothing is upcast or re-concatenated per step.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -17,13 +17,21 @@ from .. import ops
 from .config import SpectrumConfig
 from .schedule import real_steps
 
-__all__ = ["FeatureCache", "SpectrumForecaster"]
+__all__ = ["FeatureCache", "SpectrumForecaster", "make_cache"]
 
 
 class FeatureCache:
-    """Interface: ``ready(group)``, ``record(group, step, feat)``, ``predict(group, step)``."""
+    """Interface: ``ready(group)``, ``record(group, step, feat)``, ``predict(group, step)``.
+    A subclass declares the config class it implements as ``config_type`` (see :func:`make_cache`)."""
 
     name = "cache"
+    config_type: Optional[type] = None
+    implementations: List[type] = []        # every subclass with a config_type, in definition order
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.config_type is not None:
+            FeatureCache.implementations.append(cls)
 
     def __init__(self, config, num_steps: int) -> None:
         self.config = config
@@ -87,6 +95,7 @@ class SpectrumForecaster(FeatureCache):
     """
 
     name = "spectrum"
+    config_type = SpectrumConfig
 
     def __init__(self, config: SpectrumConfig, num_steps: int) -> None:
         super().__init__(config, num_steps)
@@ -145,3 +154,13 @@ class SpectrumForecaster(FeatureCache):
                                      blend=c.blend, penalize_intercept=c.penalize_intercept,
                                      out_dtype=h.key[1])                      # [S, 1, N]
         return out[:, 0].view(h.shape)
+
+
+def make_cache(config, num_steps: Optional[int] = None) -> FeatureCache:
+    """The feature cache of ``config`` (the subclass declaring its config class) for
+    ``num_steps`` steps (default ``config.num_steps``)."""
+    for cls in FeatureCache.implementations:
+        if isinstance(config, cls.config_type):
+            return cls(config, config.num_steps if num_steps is None else num_steps)
+    names = [c.config_type.__name__ for c in FeatureCache.implementations]
+    raise TypeError(f"config: expected {', '.join(names[:-1])} or {names[-1]}, got {type(config).__name__}")

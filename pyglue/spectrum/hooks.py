@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .baselines import make_cache
+from . import baselines  # noqa: F401  (registers the FORA and TaylorSeer caches)
+from .forecaster import make_cache
 from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
 
 __all__ = ["enable", "disable", "reset", "state", "SpectrumState", "BlockAdapter"]
