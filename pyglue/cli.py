@@ -106,8 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ._optional import MissingDependency
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingDependency as exc:   # one line naming the extra, not a traceback
+        command = " ".join(filter(None, (args.command, getattr(args, "method", None))))
+        raise SystemExit(f"diffkern {command}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 from typing import Tuple
 
+from .._optional import require
+
+_NEEDED_BY = "diffkern.poe_bridge's shipped models"
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "poe_bridge"
 TOKENIZER_DIR = ASSET_DIR / "tokenizer"
 AR_DIR = ASSET_DIR / "ar"
@@ -26,22 +30,22 @@ def _require(path: Path) -> Path:
 
 
 def load_tokenizer():
-    from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast.from_pretrained(str(_require(TOKENIZER_DIR)), local_files_only=True)
+    transformers = require("transformers", _NEEDED_BY)
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(_require(TOKENIZER_DIR)), local_files_only=True)
 
 
 def load_ar_model(dtype=None):
-    from transformers import AutoModelForCausalLM
+    transformers = require("transformers", _NEEDED_BY)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModelForCausalLM.from_pretrained(str(_require(AR_DIR)), local_files_only=True,
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(_require(AR_DIR)), local_files_only=True,
                                                  attn_implementation="eager", dtype=dtype)
     return model.eval()
 
 
 def load_dlm_model(dtype=None):
-    from transformers import AutoModelForMaskedLM
+    transformers = require("transformers", _NEEDED_BY)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModelForMaskedLM.from_pretrained(str(_require(DLM_DIR)), local_files_only=True,
+    model = transformers.AutoModelForMaskedLM.from_pretrained(str(_require(DLM_DIR)), local_files_only=True,
                                                  attn_implementation="eager", dtype=dtype)
     return model.eval()
 

@@ -28,7 +28,8 @@ MODEL_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, in_channels=1,
 
 def load_tiny_dit(path: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu"):
     """Load the shipped weights (no download) as an eval-mode ``DiTTransformer2DModel``."""
-    from diffusers import DiTTransformer2DModel
+    from .._optional import require
+    DiTTransformer2DModel = require("diffusers", "diffkern.spectrum's tiny DiT").DiTTransformer2DModel
 
     path = ASSET_DIR if path is None else path
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -64,7 +65,8 @@ def training_info(path: Optional[str] = None) -> dict:
 def load_digits(image_size: int = 8) -> tuple[Tensor, Tensor]:
     """scikit-learn's 1797 8x8 digits as ``[-1, 1]`` images ``[1797, 1, S, S]`` and labels;
     ``image_size`` other than 8 resamples them bilinearly (smooth larger images)."""
-    from sklearn.datasets import load_digits as _load
+    from .._optional import require
+    _load = require("sklearn.datasets", "the tiny DiT's digits data").load_digits
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 2:
         raise ValueError(f"image_size: expected an int >= 2, got {image_size!r}")
