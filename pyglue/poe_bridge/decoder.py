@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -167,151 +167,256 @@ class PoEBridgeDecoder:
         Returns:
             :class:`GenerationOutput` with the new ids per prompt and :class:`GenerationStats`.
         """
-        cfg = self.config
-        max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new, int) or max_new < 1:
             raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         prompts = prompts_from(input_ids, attention_mask)
-        eos = eos_set(eos_token_id, self.target.model)
         t0 = time.perf_counter()
+        run = self._start(prompts, max_new, seed, eos_set(eos_token_id, self.target.model), progress)
+        while run.active:
+            dlm = self._dlm_forward(run)                     # steps 1-2: one DLM forward, its windows
+            window = self._window(run, dlm, run.active, 0)
+            while window is not None:                        # step 6: elastic windows
+                self._draft(run, window)                     # step 2
+                self._ar_forward(run, window)                # step 3
+                self._verify(run, window)                    # step 4
+                self._select_and_commit(run, dlm, window)    # step 5
+                self._advance_cache(run, window)
+                if hook is not None:
+                    hook(run.hook_view(window))
+                window = self._window(run, dlm, window.continuing, window.index + 1)
+        if run.bar is not None:
+            run.bar.close()
+        run.stats.wall_time = time.perf_counter() - t0
+        return GenerationOutput([s.generated for s in run.seqs], run.stats)
 
-        B, K, W, M, V = len(prompts), cfg.num_particles, cfg.window, cfg.max_lookahead, self.vocab_size
-        dev = self.target.device
-        ddev = self.draft.device
-        temps = cfg.particle_temperatures().to(dev)
-        target_t = float(cfg.temperature if cfg.target_temperature is None else cfg.target_temperature)
-        parity = cfg.weights == "parity"
+    # ---- the steps of generate(), in order ---------------------------------------------------
+    def _start(self, prompts: List[List[int]], max_new: int, seed: int, eos: set, progress: bool) -> "_Run":
+        cfg = self.config
         sel_gen = torch.Generator(device="cpu")
         sel_gen.manual_seed(seed)
-        offset = 0
+        B, K = len(prompts), cfg.num_particles
+        return _Run(
+            seqs=[_Sequence(list(p)) for p in prompts], max_new=max_new, seed=seed, eos=eos,
+            temps=cfg.particle_temperatures().to(self.target.device),
+            target_t=float(cfg.temperature if cfg.target_temperature is None else cfg.target_temperature),
+            parity=cfg.weights == "parity", sel_gen=sel_gen, stats=GenerationStats(num_sequences=B),
+            cache=self.target.new_cache(), valid=torch.zeros(B * K, 0, dtype=torch.bool, device=self.target.device),
+            num_particles=K, target=self.target, bar=_progress(progress, B * max_new, "poe-bridge"))
 
-        stats = GenerationStats(num_sequences=B)
-        committed = [list(p) for p in prompts]
-        gen: List[List[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        cached = [0] * B  # committed tokens of sequence b whose KV is in the cache
-        cache = self.target.new_cache()
-        valid = torch.zeros(B * K, 0, dtype=torch.bool, device=dev)
-        mask_id = self.draft.mask_token_id
-        bar = _progress(progress, B * max_new, "poe-bridge")
+    def _dlm_forward(self, run: "_Run") -> "_DLMForward":
+        """One DLM forward over committed prefix + up to M masks per active sequence."""
+        act, mask_id, V = run.active, self.draft.mask_token_id, self.vocab_size
+        m = {b: min(self.config.max_lookahead, run.max_new - len(run.seqs[b].generated)) for b in act}
+        canvases = [run.seqs[b].committed + [mask_id] * m[b] for b in act]
+        Lc = max(map(len, canvases))
+        ids = torch.full((len(act), Lc), mask_id, dtype=torch.long)
+        am = torch.zeros((len(act), Lc), dtype=torch.long)
+        for i, c in enumerate(canvases):
+            ids[i, : len(c)] = torch.tensor(c)
+            am[i, : len(c)] = 1
+        ddev = self.draft.device
+        dl = self.draft.logits(ids.to(ddev), am.to(ddev))[..., :V].to(self.target.device)
+        run.stats.dlm_forwards += len(act)
+        run.stats.dlm_calls += 1
+        rows = {b: dl[i, len(run.seqs[b].committed): len(run.seqs[b].committed) + m[b]] for i, b in enumerate(act)}
+        return _DLMForward(masks=m, rows=rows, dtype=dl.dtype)
 
-        while not all(done):
-            act = [b for b in range(B) if not done[b]]
-            # ---- one DLM forward: committed prefix + up to M masks per active sequence ----
-            m = {b: min(M, max_new - len(gen[b])) for b in act}
-            canvases = [committed[b] + [mask_id] * m[b] for b in act]
-            Lc = max(map(len, canvases))
-            ids = torch.full((len(act), Lc), mask_id, dtype=torch.long)
-            am = torch.zeros((len(act), Lc), dtype=torch.long)
-            for i, c in enumerate(canvases):
-                ids[i, : len(c)] = torch.tensor(c)
-                am[i, : len(c)] = 1
-            dl = self.draft.logits(ids.to(ddev), am.to(ddev))[..., :V].to(dev)
-            stats.dlm_forwards += len(act)
-            stats.dlm_calls += 1
-            drafts_rows = {b: dl[i, len(committed[b]): len(committed[b]) + m[b]] for i, b in enumerate(act)}
+    def _window(self, run: "_Run", dlm: "_DLMForward", seqs: List[int], index: int) -> Optional["_Window"]:
+        """Window ``index`` (W rows) of the DLM forward for ``seqs``; None when no sequence goes on."""
+        if not seqs:
+            return None
+        W, V = self.config.window, self.vocab_size
+        lens = {b: min(W, dlm.masks[b] - index * W) for b in seqs}
+        logits = torch.zeros(len(seqs), W, V, dtype=dlm.dtype, device=self.target.device)
+        for i, b in enumerate(seqs):
+            logits[i, : lens[b]] = dlm.rows[b][index * W: index * W + lens[b]]
+        return _Window(index=index, seqs=list(seqs), lens=lens, dlm_logits=logits)
 
-            in_window, wi = list(act), 0
-            while in_window:
-                Ba = len(in_window)
-                lens = {b: min(W, m[b] - wi * W) for b in in_window}
-                dwin = torch.zeros(Ba, W, V, dtype=dl.dtype, device=dev)
-                for i, b in enumerate(in_window):
-                    dwin[i, : lens[b]] = drafts_rows[b][wi * W: wi * W + lens[b]]
-                tokens, _ = ops.poe_draft(dwin, temps, top_p=cfg.top_p, seed=seed, offset=offset)
-                offset += 1
+    def _draft(self, run: "_Run", win: "_Window") -> None:
+        win.drafts, _ = ops.poe_draft(win.dlm_logits, run.temps, top_p=self.config.top_p, seed=run.seed,
+                                      offset=run.offset)
+        run.offset += 1
 
-                # ---- one AR forward over all B*K rows (rows of other sequences are padding) ----
-                pend = {b: committed[b][cached[b]:] for b in in_window}
-                P = max(len(p) for p in pend.values())
-                Lin = P + W
-                a_ids = torch.zeros(B * K, Lin, dtype=torch.long, device=dev)
-                a_mask = torch.zeros(B * K, Lin, dtype=torch.long, device=dev)
-                a_pos = torch.zeros(B * K, Lin, dtype=torch.long, device=dev)
-                for i, b in enumerate(in_window):
-                    p, c = pend[b], len(committed[b])
-                    rows = slice(b * K, (b + 1) * K)
-                    a_ids[rows, P - len(p): P] = torch.tensor(p, device=dev)
-                    a_ids[rows, P:] = tokens[i]
-                    a_mask[rows, P - len(p): P + lens[b]] = 1
-                    a_pos[rows, P - len(p):] = torch.arange(c - len(p), c + W, device=dev)
-                full_mask = torch.cat([valid.long(), a_mask], dim=1)
-                logits, cache = self.target.forward(a_ids, full_mask, a_pos, cache)
-                stats.ar_calls += 1
-                stats.ar_forwards += Ba
-                rows_idx = torch.tensor([b * K + k for b in in_window for k in range(K)], device=dev)
-                ar_win = logits[rows_idx, P - 1: P - 1 + W, :V].reshape(Ba, K, W, V).to(dwin.dtype)
-                # rows past a short (last) window: identical zero logits -> always accepted, zero weight
-                for i, b in enumerate(in_window):
-                    if lens[b] < W:
-                        ar_win[i, :, lens[b]:] = 0
-                res = ops.poe_verify(dwin, ar_win, tokens, temps, weight=cfg.weight, top_p=cfg.top_p,
-                                     target_temperature=target_t, seed=seed, offset=offset, parity=parity)
-                offset += 1
+    def _ar_forward(self, run: "_Run", win: "_Window") -> None:
+        """One AR forward over all B*K rows (rows of other sequences are padding): the pending
+        committed tokens, then the drafts; keeps the window's rows of AR logits."""
+        K, W, V, dev = run.num_particles, self.config.window, self.vocab_size, self.target.device
+        win.pending = {b: run.seqs[b].committed[run.seqs[b].cached:] for b in win.seqs}
+        P = win.prefix = max(len(p) for p in win.pending.values())
+        B, Lin = len(run.seqs), P + W
+        a_ids = torch.zeros(B * K, Lin, dtype=torch.long, device=dev)
+        a_mask = torch.zeros(B * K, Lin, dtype=torch.long, device=dev)
+        a_pos = torch.zeros(B * K, Lin, dtype=torch.long, device=dev)
+        for i, b in enumerate(win.seqs):
+            p, c = win.pending[b], len(run.seqs[b].committed)
+            rows = slice(b * K, (b + 1) * K)
+            a_ids[rows, P - len(p): P] = torch.tensor(p, device=dev)
+            a_ids[rows, P:] = win.drafts[i]
+            a_mask[rows, P - len(p): P + win.lens[b]] = 1
+            a_pos[rows, P - len(p):] = torch.arange(c - len(p), c + W, device=dev)
+        full_mask = torch.cat([run.valid.long(), a_mask], dim=1)
+        logits, run.cache = self.target.forward(a_ids, full_mask, a_pos, run.cache)
+        run.stats.ar_calls += 1
+        run.stats.ar_forwards += len(win.seqs)
+        rows_idx = torch.tensor([b * K + k for b in win.seqs for k in range(K)], device=dev)
+        win.ar_logits = logits[rows_idx, P - 1: P - 1 + W, :V].reshape(len(win.seqs), K, W, V).to(win.dlm_logits.dtype)
+        # rows past a short (last) window: identical zero logits -> always accepted, zero weight
+        for i, b in enumerate(win.seqs):
+            if win.lens[b] < W:
+                win.ar_logits[i, :, win.lens[b]:] = 0
 
-                sel = torch.arange(B * K, device=dev)
-                new_valid = torch.zeros(B * K, Lin, dtype=torch.bool, device=dev)
-                na_all, cor_all = res.num_accepted.cpu(), res.corrected.cpu()
-                tok_all, lw_all = res.tokens.cpu(), res.log_weights.detach().float().cpu()
-                cont, chosen = [], {}
-                for i, b in enumerate(in_window):
-                    Lb = lens[b]
-                    na = na_all[i].clamp(max=Lb)
-                    full = na_all[i] >= Lb
-                    emit = torch.where(full, torch.full_like(na, Lb), na + cor_all[i].long()).clamp(max=Lb)
-                    has_eos = torch.zeros(K, dtype=torch.bool)
-                    for k in range(K):
-                        for j in range(int(emit[k])):
-                            if int(tok_all[i, k, j]) in eos:
-                                emit[k], has_eos[k] = j + 1, True
-                                break
-                    lw = lw_all[i]
-                    lw = torch.nan_to_num(lw, nan=float("-inf"))
-                    if cfg.selection == "argmax" or K == 1:
-                        k_star = int(torch.argmax(lw))
-                    else:
-                        probs = torch.softmax(lw.double(), 0)
-                        k_star = int(torch.multinomial(probs, 1, generator=sel_gen)) if torch.isfinite(probs).all() \
-                            else int(torch.argmax(lw))
-                    wts = torch.softmax(lw.double(), 0)
-                    stats.ess.append(float(1.0 / (wts * wts).sum()) if torch.isfinite(wts).all() else 1.0)
-                    stats.drafted += K * Lb
-                    stats.accepted += int(na.sum())
-                    e = int(emit[k_star])
-                    chosen[b] = (i, k_star, e)
-                    new = tok_all[i, k_star, :e].tolist()
-                    gen[b] += new
-                    committed[b] += new
-                    stats.new_tokens += e
-                    if bar is not None:
-                        bar.update(e)
-                    sel[b * K:(b + 1) * K] = b * K + k_star
-                    p = pend[b]
-                    new_valid[b * K:(b + 1) * K, P - len(p): P + e - 1] = True
-                    cached[b] = len(committed[b]) - 1
-                    if bool(has_eos[k_star]) or len(gen[b]) >= max_new:
-                        done[b] = True
-                    elif bool(full[k_star]) and (wi + 1) * W < m[b]:
-                        cont.append(b)
-                self.target.select(cache, sel)
-                valid = torch.cat([valid[sel], new_valid], dim=1)
-                used = valid.any(dim=0).nonzero()
-                keep = int(used.max()) + 1 if used.numel() else 0
-                self.target.crop(cache, keep)
-                valid = valid[:, :keep]
-                if hook is not None:
-                    hook({"committed": committed, "generated": gen, "cache": cache, "valid": valid,
-                          "cached": cached, "num_particles": K, "target": self.target, "done": done,
-                          "result": res, "draft_tokens": tokens, "window_sequences": list(in_window),
-                          "selected": chosen, "window_lengths": lens})
-                in_window = cont
-                wi += 1
-        if bar is not None:
-            bar.close()
-        stats.wall_time = time.perf_counter() - t0
-        return GenerationOutput(gen, stats)
+    def _verify(self, run: "_Run", win: "_Window") -> None:
+        cfg = self.config
+        win.result = ops.poe_verify(win.dlm_logits, win.ar_logits, win.drafts, run.temps, weight=cfg.weight,
+                                    top_p=cfg.top_p, target_temperature=run.target_t, seed=run.seed,
+                                    offset=run.offset, parity=run.parity)
+        run.offset += 1
+
+    def _select_and_commit(self, run: "_Run", dlm: "_DLMForward", win: "_Window") -> None:
+        """Per sequence: what each particle emits, the winner, its tokens committed; which
+        sequences verify the next window of this DLM forward (fully accepted, masks left)."""
+        K, W = run.num_particles, self.config.window
+        res = win.result
+        na_all, cor_all = res.num_accepted.cpu(), res.corrected.cpu()
+        tok_all, lw_all = res.tokens.cpu(), res.log_weights.detach().float().cpu()
+        win.select = torch.arange(len(run.seqs) * K, device=self.target.device)
+        win.new_valid = torch.zeros(len(run.seqs) * K, win.prefix + W, dtype=torch.bool, device=self.target.device)
+        for i, b in enumerate(win.seqs):
+            emit, full, has_eos = self._emitted(run, win.lens[b], na_all[i], cor_all[i], tok_all[i])
+            k_star = self._choose_particle(run, lw_all[i])
+            run.stats.drafted += K * win.lens[b]
+            run.stats.accepted += int(na_all[i].clamp(max=win.lens[b]).sum())
+            e = int(emit[k_star])
+            win.chosen[b] = (i, k_star, e)
+            self._commit(run, b, tok_all[i, k_star, :e].tolist())
+            win.select[b * K:(b + 1) * K] = b * K + k_star
+            win.new_valid[b * K:(b + 1) * K, win.prefix - len(win.pending[b]): win.prefix + e - 1] = True
+            seq = run.seqs[b]
+            if bool(has_eos[k_star]) or len(seq.generated) >= run.max_new:
+                seq.done = True
+            elif bool(full[k_star]) and (win.index + 1) * W < dlm.masks[b]:
+                win.continuing.append(b)
+
+    @staticmethod
+    def _emitted(run: "_Run", Lb: int, num_accepted: Tensor, corrected: Tensor, tokens: Tensor):
+        """Tokens each particle emits from a window of ``Lb`` real rows: the accepted prefix, plus
+        the correction, cut after the first EOS. Returns (emit [K], fully accepted [K], EOS [K])."""
+        na = num_accepted.clamp(max=Lb)
+        full = num_accepted >= Lb
+        emit = torch.where(full, torch.full_like(na, Lb), na + corrected.long()).clamp(max=Lb)
+        has_eos = torch.zeros(len(emit), dtype=torch.bool)
+        for k in range(len(emit)):
+            for j in range(int(emit[k])):
+                if int(tokens[k, j]) in run.eos:
+                    emit[k], has_eos[k] = j + 1, True
+                    break
+        return emit, full, has_eos
+
+    def _choose_particle(self, run: "_Run", log_weights: Tensor) -> int:
+        """The winner: argmax, or a draw proportional to the importance weights; records the ESS."""
+        lw = torch.nan_to_num(log_weights, nan=float("-inf"))
+        if self.config.selection == "argmax" or run.num_particles == 1:
+            k_star = int(torch.argmax(lw))
+        else:
+            probs = torch.softmax(lw.double(), 0)
+            k_star = int(torch.multinomial(probs, 1, generator=run.sel_gen)) if torch.isfinite(probs).all() \
+                else int(torch.argmax(lw))
+        wts = torch.softmax(lw.double(), 0)
+        run.stats.ess.append(float(1.0 / (wts * wts).sum()) if torch.isfinite(wts).all() else 1.0)
+        return k_star
+
+    @staticmethod
+    def _commit(run: "_Run", b: int, new: List[int]) -> None:
+        seq = run.seqs[b]
+        seq.generated += new
+        seq.committed += new
+        seq.cached = len(seq.committed) - 1     # the cache holds committed[:-1] once advanced
+        run.stats.new_tokens += len(new)
+        if run.bar is not None:
+            run.bar.update(len(new))
+
+    def _advance_cache(self, run: "_Run", win: "_Window") -> None:
+        """Every particle continues from its sequence's winner: cache rows gathered, the positions
+        no sequence committed stay as masked holes, the unused tail is cropped."""
+        self.target.select(run.cache, win.select)
+        valid = torch.cat([run.valid[win.select], win.new_valid], dim=1)
+        used = valid.any(dim=0).nonzero()
+        keep = int(used.max()) + 1 if used.numel() else 0
+        self.target.crop(run.cache, keep)
+        run.valid = valid[:, :keep]
+
+
+@dataclass
+class _Sequence:
+    """One prompt's progress."""
+
+    committed: List[int]                      # prompt + generated tokens
+    generated: List[int] = field(default_factory=list)
+    cached: int = 0                           # committed tokens whose KV is in the AR cache
+    done: bool = False
+
+
+@dataclass
+class _Run:
+    """The state one ``generate`` call carries from step to step."""
+
+    seqs: List[_Sequence]
+    max_new: int
+    seed: int
+    eos: set
+    temps: Tensor                             # [K] particle temperatures
+    target_t: float
+    parity: bool
+    sel_gen: torch.Generator
+    stats: GenerationStats
+    cache: object                             # the AR model's cache, B*K rows
+    valid: Tensor                             # [B*K, L] bool: cache positions holding committed tokens
+    num_particles: int
+    target: CausalLMTarget
+    bar: object = None
+    offset: int = 0                           # Philox offset: +1 per poe_draft and per poe_verify call
+
+    @property
+    def active(self) -> List[int]:
+        return [b for b, s in enumerate(self.seqs) if not s.done]
+
+    def hook_view(self, win: "_Window") -> dict:
+        return {"committed": [s.committed for s in self.seqs], "generated": [s.generated for s in self.seqs],
+                "cache": self.cache, "valid": self.valid, "cached": [s.cached for s in self.seqs],
+                "num_particles": self.num_particles, "target": self.target,
+                "done": [s.done for s in self.seqs], "result": win.result, "draft_tokens": win.drafts,
+                "window_sequences": list(win.seqs), "selected": win.chosen, "window_lengths": win.lens}
+
+
+@dataclass
+class _DLMForward:
+    """The masked rows of one DLM forward: ``rows[b]`` [m_b, V] for the ``masks[b]`` masks of b."""
+
+    masks: Dict[int, int]
+    rows: Dict[int, Tensor]
+    dtype: torch.dtype
+
+
+@dataclass
+class _Window:
+    """One verification window: its sequences, their drafts, the AR logits, the verdict."""
+
+    index: int                                # window number inside the DLM forward
+    seqs: List[int]
+    lens: Dict[int, int]                      # real rows per sequence (the last window may be short)
+    dlm_logits: Tensor                        # [Ba, W, V]
+    drafts: Optional[Tensor] = None           # [Ba, K, W]
+    pending: Dict[int, List[int]] = field(default_factory=dict)   # committed tokens not yet in the cache
+    prefix: int = 0                           # P: the longest pending list (AR input = P + W)
+    ar_logits: Optional[Tensor] = None        # [Ba, K, W, V]
+    result: object = None                     # diffkern.ops.PoEVerifyResult
+    chosen: Dict[int, tuple] = field(default_factory=dict)          # b -> (i, k*, emitted)
+    continuing: List[int] = field(default_factory=list)             # verify the next window
+    select: Optional[Tensor] = None           # [B*K] cache rows of the winners
+    new_valid: Optional[Tensor] = None        # [B*K, P + W]
 
 
 def _progress(enabled: bool, total: int, desc: str):
