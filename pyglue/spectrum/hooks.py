@@ -239,11 +239,27 @@ def enable(transformer_or_pipeline, config: Optional[Config] = None, *,
     Returns the :class:`SpectrumState` (also available as :func:`state`).
     """
     model, scheduler = _unwrap(transformer_or_pipeline)
+    config = _checked_config(config)
+    if getattr(model, _ATTR, None) is not None:
+        disable(transformer_or_pipeline)
+    st = SpectrumState(config, _checked_adapter(model, blocks, head, passthrough, timestep_arg), shadow=shadow)
+    st._undo = [_wrap_forward(model, st), *_skip_blocks(st), _hook_head(st)]   # disable() undoes in reverse
+    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+        st._undo.append(_follow_scheduler(scheduler, st))
+    setattr(model, _ATTR, st)
+    return st
+
+
+# ---- the steps of enable(); each patch returns its undo ------------------------------------
+
+def _checked_config(config: Optional[Config]) -> Config:
     config = SpectrumConfig() if config is None else config
     if not isinstance(config, (SpectrumConfig, FORAConfig, TaylorSeerConfig)):
         raise TypeError(f"config: expected SpectrumConfig, FORAConfig or TaylorSeerConfig, got {type(config).__name__}")
-    if getattr(model, _ATTR, None) is not None:
-        disable(transformer_or_pipeline)
+    return config
+
+
+def _checked_adapter(model: nn.Module, blocks, head, passthrough, timestep_arg) -> BlockAdapter:
     adapter = _adapter_for(model, blocks, head, passthrough, timestep_arg)
     if not adapter.blocks:
         raise ValueError(f"diffkern.spectrum.enable: {type(model).__name__} has an empty block list")
@@ -252,11 +268,14 @@ def enable(transformer_or_pipeline, config: Optional[Config] = None, *,
             raise TypeError(f"blocks: expected nn.Module entries, got {type(b).__name__}")
     if not isinstance(adapter.head, nn.Module):
         raise TypeError(f"head: expected an nn.Module, got {type(adapter.head).__name__}")
-    st = SpectrumState(config, adapter, shadow=shadow)
-    undo: List[Callable[[], None]] = []
+    return adapter
 
-    # model forward: step bookkeeping around the original forward
+
+def _wrap_forward(model: nn.Module, st: SpectrumState) -> Callable[[], None]:
+    """Step bookkeeping around the model's forward: which step and group a call is, real or
+    forecast; a forecast call must have fed the head."""
     orig_forward = model.forward
+    timestep_arg, head = st.adapter.timestep_arg, st.adapter.head
     t_index = None
     if timestep_arg is not None:
         params = list(inspect.signature(orig_forward).parameters)
@@ -275,26 +294,34 @@ def enable(transformer_or_pipeline, config: Optional[Config] = None, *,
         finally:
             st.kind = None
         if kind == "forecast" and not st.head_seen:
-            raise RuntimeError(f"diffkern.spectrum: the head {type(adapter.head).__name__} was not called "
+            raise RuntimeError(f"diffkern.spectrum: the head {type(head).__name__} was not called "
                                "during a forecast step, so the skipped blocks were not replaced; the "
                                "adapter's head= is wrong for this model")
         return out
 
     model.forward = forward
-    undo.append(lambda: model.__dict__.pop("forward", None))
+    return lambda: model.__dict__.pop("forward", None)
 
-    for block in adapter.blocks:
+
+def _skip_blocks(st: SpectrumState) -> List[Callable[[], None]]:
+    """On forecast calls every block returns its input untouched (the adapter's passthrough)."""
+    undo = []
+    for block in st.adapter.blocks:
         block_forward = block.forward
 
         def patched(*args, __orig=block_forward, **kwargs):
             if st.kind == "forecast":
-                return adapter.passthrough(args, kwargs)
+                return st.adapter.passthrough(args, kwargs)
             st.block_calls += 1
             return __orig(*args, **kwargs)
 
         block.forward = patched
         undo.append(lambda b=block: b.__dict__.pop("forward", None))
+    return undo
 
+
+def _hook_head(st: SpectrumState) -> Callable[[], None]:
+    """The head's input is recorded on real calls and replaced by the forecast on the others."""
     def head_hook(module, args, kwargs):
         if args:
             feat = args[0]
@@ -306,24 +333,21 @@ def enable(transformer_or_pipeline, config: Optional[Config] = None, *,
         new = st.on_head(kwargs[name])
         return None if new is None else (args, {**kwargs, name: new})
 
-    handle = adapter.head.register_forward_pre_hook(head_hook, with_kwargs=True)
-    undo.append(handle.remove)
+    return st.adapter.head.register_forward_pre_hook(head_hook, with_kwargs=True).remove
 
-    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
-        orig_set = scheduler.set_timesteps
 
-        def set_timesteps(*args, **kwargs):
-            result = orig_set(*args, **kwargs)
-            timesteps = getattr(scheduler, "timesteps", None)
-            st.new_run(len(timesteps) if timesteps is not None else None)
-            return result
+def _follow_scheduler(scheduler, st: SpectrumState) -> Callable[[], None]:
+    """A pipeline's ``set_timesteps`` starts a new run whose schedule fits its step count."""
+    orig_set = scheduler.set_timesteps
 
-        scheduler.set_timesteps = set_timesteps
-        undo.append(lambda: scheduler.__dict__.pop("set_timesteps", None))
+    def set_timesteps(*args, **kwargs):
+        result = orig_set(*args, **kwargs)
+        timesteps = getattr(scheduler, "timesteps", None)
+        st.new_run(len(timesteps) if timesteps is not None else None)
+        return result
 
-    st._undo = undo
-    setattr(model, _ATTR, st)
-    return st
+    scheduler.set_timesteps = set_timesteps
+    return lambda: scheduler.__dict__.pop("set_timesteps", None)
 
 
 def disable(transformer_or_pipeline) -> None:
