@@ -5,7 +5,7 @@ run unchanged under ``torch.compile``; value checks (NaN, duplicates) live insid
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -30,12 +30,14 @@ def floating(name: str, value: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
         raise TypeError(f"{name}: expected a floating dtype ({names}), got {value.dtype}")
 
 
-def real_number(name: str, value) -> float:
+def real_number(name: str, value, minimum: Optional[float] = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected >= {minimum}, got {value}")
     return value
 
 

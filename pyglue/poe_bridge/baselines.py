@@ -18,14 +18,14 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..ops import _checks
 from .adapters import as_draft, as_target
 from .config import PoEBridgeConfig
 from .decoder import GenerationOutput, GenerationStats, PoEBridgeDecoder, _progress, eos_set, prompts_from
 
 
 def _check_common(max_new_tokens, temperature, top_p):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+    _checks.integer("max_new_tokens", max_new_tokens, 1)
     if not float(temperature) > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature!r}")
     if not 0 < float(top_p) <= 1:
@@ -89,8 +89,7 @@ def dlm_generate(draft_model, input_ids, attention_mask=None, *, max_new_tokens:
                  eos_token_id=None, tokenizer=None, progress: bool = False) -> GenerationOutput:
     """Confidence-ordered parallel unmasking, ``tokens_per_step`` positions per DLM forward."""
     _check_common(max_new_tokens, temperature, top_p)
-    if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step: must be an int >= 1, got {tokens_per_step!r}")
+    _checks.integer("tokens_per_step", tokens_per_step, 1)
     draft = as_draft(draft_model, tokenizer)
     prompts = prompts_from(input_ids, attention_mask)
     eos = eos_set(eos_token_id, getattr(draft, "model", None))

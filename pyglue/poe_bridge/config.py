@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from ..ops import _checks
+
 SELECTIONS = ("resample", "argmax")
 WEIGHTS = ("principled", "parity")
 
@@ -56,8 +58,7 @@ class PoEBridgeConfig:
             if not cond:
                 raise ValueError(f"PoEBridgeConfig: {name}={getattr(self, name)!r} {msg}")
         for name in ("num_particles", "max_lookahead", "window", "max_new_tokens", "n_low_temp"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "must be an int >= 1")
+            _checks.integer(name, getattr(self, name), 1)
         need(0.0 <= float(self.weight) <= 1.0, "weight", "must be in [0, 1]")
         need(float(self.temperature) > 0, "temperature", "must be > 0")
         need(float(self.high_temperature) > 0, "high_temperature", "must be > 0")

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops import _checks
 from .adapters import CausalLMTarget, DraftModel, as_draft, as_target, check_vocab
 from .config import PoEBridgeConfig
 
@@ -167,11 +168,9 @@ class PoEBridgeDecoder:
         Returns:
             :class:`GenerationOutput` with the new ids per prompt and :class:`GenerationStats`.
         """
-        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not isinstance(max_new, int) or max_new < 1:
-            raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new!r}")
-        if not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        max_new = _checks.integer("max_new_tokens", self.config.max_new_tokens if max_new_tokens is None
+                                  else max_new_tokens, 1)
+        seed = _checks.integer("seed", seed, 0)
         prompts = prompts_from(input_ids, attention_mask)
         t0 = time.perf_counter()
         run = self._start(prompts, max_new, seed, eos_set(eos_token_id, self.target.model), progress)

@@ -8,19 +8,13 @@ predicted, so comparisons between them are like for like.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence, Tuple
+
+from ..ops import _checks
 
 __all__ = ["SpectrumConfig", "FORAConfig", "TaylorSeerConfig", "MODES"]
 
 MODES = ("clean", "parity")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected >= {minimum}, got {value}")
 
 
 def _check_schedule(schedule: Optional[Sequence[int]], num_steps: int) -> Optional[Tuple[int, ...]]:
@@ -38,13 +32,6 @@ def _check_schedule(schedule: Optional[Sequence[int]], num_steps: int) -> Option
     if steps and (steps[0] < 0 or steps[-1] >= num_steps):
         raise ValueError(f"schedule: step indices must lie in [0, num_steps={num_steps}), got {list(steps)}")
     return steps
-
-
-def _check_real(name: str, value, minimum: float, inclusive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name}: expected a finite real number, got {value!r}")
-    if value < minimum or (not inclusive and value == minimum):
-        raise ValueError(f"{name}: expected {'>=' if inclusive else '>'} {minimum}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +74,15 @@ class SpectrumConfig:
     schedule: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
-        _check_int("degree", self.degree, 0)
-        _check_real("lam", self.lam, 0.0)
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_int("window_size", self.window_size, 1)
-        _check_real("flex_window", self.flex_window, 0.0)
-        _check_real("blend", self.blend, 0.0)
+        _checks.integer("degree", self.degree, 0)
+        _checks.real_number("lam", self.lam, minimum=0.0)
+        _checks.integer("warmup_steps", self.warmup_steps, 0)
+        _checks.integer("window_size", self.window_size, 1)
+        _checks.real_number("flex_window", self.flex_window, minimum=0.0)
+        _checks.real_number("blend", self.blend, minimum=0.0)
         if self.blend > 1.0:
             raise ValueError(f"blend: expected 0 <= blend <= 1, got {self.blend}")
-        _check_int("num_steps", self.num_steps, 1)
+        _checks.integer("num_steps", self.num_steps, 1)
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.t_range is not None:
@@ -135,9 +122,9 @@ class FORAConfig:
     schedule: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
-        _check_int("interval", self.interval, 1)
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_int("num_steps", self.num_steps, 1)
+        _checks.integer("interval", self.interval, 1)
+        _checks.integer("warmup_steps", self.warmup_steps, 0)
+        _checks.integer("num_steps", self.num_steps, 1)
         object.__setattr__(self, "schedule", _check_schedule(self.schedule, self.num_steps))
 
     @property
@@ -161,8 +148,8 @@ class TaylorSeerConfig:
     schedule: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
-        _check_int("interval", self.interval, 1)
-        _check_int("order", self.order, 0)
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_int("num_steps", self.num_steps, 1)
+        _checks.integer("interval", self.interval, 1)
+        _checks.integer("order", self.order, 0)
+        _checks.integer("warmup_steps", self.warmup_steps, 0)
+        _checks.integer("num_steps", self.num_steps, 1)
         object.__setattr__(self, "schedule", _check_schedule(self.schedule, self.num_steps))
