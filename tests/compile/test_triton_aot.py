@@ -1,4 +1,5 @@
-"""AOT compile of the PoE Triton kernels (kernels/poe.py) for sm_80 and sm_90, without a GPU.
+"""AOT compile of the PoE Triton kernels (kernels/poe.py) and the shared Philox fill
+(kernels/philox.py) for sm_80 and sm_90, without a GPU.
 
 The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which ``@triton.jit``
 returns interpreter objects that ``triton.compile`` cannot lower. The compile therefore runs in a
@@ -25,14 +26,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "kernels" / "poe.py"
+PHILOX = ROOT / "kernels" / "philox.py"
 ARCHS = (80, 90)
 
 # kernel -> register budget per thread. Measured max over fp32/bf16 (sm_80 / sm_90, triton 3.9.0):
 # verify_rows 40/54, verify_scan 60/64, verify_residual 104/102, draft 128/92,
 # combine 48/84 (4 experts + partial sum; 2 experts: 40/45); top_p < 1 (NUCLEUS, BLOCK_S = 256):
 # verify_rows_nucleus 48/57, verify_residual_nucleus 98/87, draft_nucleus 94/92. All 0 spills.
+# kernels/philox.py's fill (4 warps, BLOCK 1024): philox_fill 48/56, philox_fill_normal 96/96.
 BUDGET = {"verify_rows": 72, "verify_scan": 96, "verify_residual": 136, "draft": 160, "combine": 112,
-          "verify_rows_nucleus": 80, "verify_residual_nucleus": 128, "draft_nucleus": 128}
+          "verify_rows_nucleus": 80, "verify_residual_nucleus": 128, "draft_nucleus": 128,
+          "philox_fill": 64, "philox_fill_normal": 128}
+# philox_fill_normal's float64 cos (libdevice) keeps a small local array for its slow argument
+# reduction (huge arguments only; ours are in (0, 2 pi)): measured 0 / 24 bytes (sm_80 / sm_90)
+SPILL_ALLOWANCE = {"philox_fill_normal": 24}
 
 WORKER = r'''
 import importlib.util, json, os, re, subprocess, sys, tempfile, time
@@ -42,9 +49,15 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-spec = importlib.util.spec_from_file_location("_diffkern_poe_aot", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mod = load("_diffkern_poe_aot", sys.argv[1])
+philox = load("_diffkern_philox_aot", sys.argv[4])
 archs = [int(a) for a in sys.argv[2].split(",")]
 dtypes = sys.argv[3].split(",")
 
@@ -86,6 +99,12 @@ def cases(dt):
                 "NUM_E": "constexpr", "HAS_PART": "constexpr", "FINAL": "constexpr",
                 "BLOCK_R": "constexpr", "BLOCK_V": "constexpr"},
                {"NUM_E": num_e, "HAS_PART": has_part, "FINAL": True, "BLOCK_R": 1, "BLOCK_V": 2048}, 8)
+    if dt == dtypes[0]:   # the shared Philox stream (kernels/philox.py): float64 output, any logits dtype
+        for normal in (False, True):
+            yield ("philox_fill" + ("_normal" if normal else ""), "fp64", philox._fill_kernel,
+                   {"out_ptr": "*fp64", "seed": "i64", "offset": "i64", "tag": "i32", "total": "i64", "cols": "i32",
+                    "row_start": "i64", "NORMAL": "constexpr", "BLOCK": "constexpr"},
+                   {"NORMAL": normal, "BLOCK": 1024}, 4)
 
 
 def usage(ptx, arch):
@@ -136,7 +155,8 @@ def aot_results(tmp_path_factory):
     script.write_text(WORKER)
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))   # a real compile each run
-    proc = subprocess.run([sys.executable, str(script), str(KERNELS), ",".join(map(str, ARCHS)), "fp32,bf16"],
+    proc = subprocess.run([sys.executable, str(script), str(KERNELS), ",".join(map(str, ARCHS)), "fp32,bf16",
+                           str(PHILOX)],
                           capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT_JSON ")]
     if proc.returncode != 0 or not lines:
@@ -162,5 +182,5 @@ def test_registers_and_spills(aot_results, arch):
                        for r in rows)
     print(f"\nsm_{arch}:\n{report}")
     for r in rows:
-        assert r["n_spills"] == 0, f"{r['kernel']}[{r['dtype']}] sm_{arch} spills:\n{report}"
+        assert r["n_spills"] <= SPILL_ALLOWANCE.get(r["kernel"], 0), f"{r['kernel']}[{r['dtype']}] sm_{arch} spills:\n{report}"
         assert r["n_regs"] <= BUDGET[r["kernel"]], f"{r['kernel']}[{r['dtype']}] sm_{arch} over budget:\n{report}"
