@@ -596,6 +596,24 @@ def test_opcheck_chebyshev_combine_kernel():
                                check_dtype=False)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_chebyshev_combine_kernel_bf16_input_every_output(out_dtype, offset):
+    """bf16 rows are read as even/odd pairs (csrc/cpu/vec16.h): full 64-element tiles, a ragged
+    tail and rows starting at an odd element (2-byte aligned) must land every output in place."""
+    need("cpu")
+    g = torch.Generator().manual_seed(46)
+    S, Q, K, N = 2, 3, 5, 64 * 3 + 5
+    weights = torch.randn(S, Q, K, generator=g)
+    buffer = torch.randn(S, K + 1, N + offset, generator=g).to(torch.bfloat16)
+    feats = buffer[:, 1:, offset:]                                  # strided in S and K, odd start
+    got = torch.ops.diffkern.chebyshev_combine_kernel(weights, feats, out_dtype)
+    want = (weights.double() @ feats.double()).to(out_dtype)
+    assert got.dtype == out_dtype
+    tol = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[out_dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     S, K, N, Q = 2, 6, 9, 3
     times = make_times(S, K, True, 51)
