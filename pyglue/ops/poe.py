@@ -361,22 +361,23 @@ def _product_of_experts_cpu(logits, weights, temperature):
 
 _draft_op = Operator("poe_draft", device_of="dlm_logits")
 _verify_op = Operator("poe_verify", device_of="dlm_logits")
-_poe_op = Operator("product_of_experts", device_of="logits")
+_product_of_experts_op = Operator("product_of_experts", device_of="logits")
 
 _draft_op.register("reference")(draft_reference)
 _verify_op.register("reference")(verify_reference)
-_poe_op.register("reference")(product_of_experts_reference)
+_product_of_experts_op.register("reference")(product_of_experts_reference)
 _draft_op.register("cpu", _draft_cpu, compiled="poe_draft_kernel", dtypes={"dlm_logits": FAST_DTYPES},
                    finish=_finish_draft)
 _verify_op.register("cpu", _verify_cpu, compiled="poe_verify_kernel",
                     dtypes={"dlm_logits": FAST_DTYPES, "ar_logits": FAST_DTYPES}, finish=_finish_verify)
-_poe_op.register("cpu", _product_of_experts_cpu, compiled="product_of_experts_kernel",
+_product_of_experts_op.register("cpu", _product_of_experts_cpu, compiled="product_of_experts_kernel",
                  dtypes={"logits": FAST_DTYPES})
 _draft_op.register("triton", "diffkern.kernels.poe:poe_draft", dtypes={"dlm_logits": FAST_DTYPES},
                    finish=_finish_draft)
-_verify_op.register("triton", "diffkern.kernels.poe:poe_verify", dtypes={"dlm_logits": FAST_DTYPES},
-                    finish=_finish_verify)
-_poe_op.register("triton", "diffkern.kernels.poe:product_of_experts", dtypes={"logits": FAST_DTYPES})
+_verify_op.register("triton", "diffkern.kernels.poe:poe_verify",
+                    dtypes={"dlm_logits": FAST_DTYPES, "ar_logits": FAST_DTYPES}, finish=_finish_verify)
+_product_of_experts_op.register("triton", "diffkern.kernels.poe:product_of_experts",
+                                dtypes={"logits": FAST_DTYPES})
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ def _product_of_experts(logits: list[Tensor], weights: list[float], temperature:
     for i, t in enumerate(logits):
         if torch.isnan(t).any():
             raise ValueError(f"logits[{i}]: contains NaN")
-    return _poe_op(logits, weights, temperature)
+    return _product_of_experts_op(logits, weights, temperature)
 
 
 @_product_of_experts.register_fake
