@@ -1,5 +1,5 @@
 """`diffkern bench` machinery: the synchronised timer (a fake asynchronous device), the device
-axis, the suite registry and the progress total.
+axis, the suite registry, the progress total and the plot.
 No timing is asserted about real work: the fake device's times are exact by construction."""
 
 import functools
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffkern import cli
-from diffkern.bench import SUITES, devices, harness, suite_plan
+from diffkern.bench import SUITES, devices, harness, plot, suite_plan
 
 # ---- a fake asynchronous device -------------------------------------------------------------
 
@@ -162,3 +162,22 @@ def test_suites_are_a_registration(tmp_path, monkeypatch, capsys):
     assert all(r["repeats"] >= 3 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
                for r in rows if not r["note"])
     assert "skipped: not built here (a test)" in capsys.readouterr().out
+
+
+# ---- the plot ---------------------------------------------------------------------------------
+
+def test_plot_has_a_speedup_and_a_limit_panel_per_operator(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    report = _fake_gpu_report(progress=False)
+    fig = plot.build_figure(report)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles == ["fake_a: speed-up over reference (log)", "% of fake copy (probe, this run)",
+                      "fake_b: speed-up over reference (log)", "% of fake copy (probe, this run)"]
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["n=1000:", "reference", "torch.compile(reference)", "cpu", "torch.exp",
+                      "n=2000:", "reference", "torch.compile(reference)", "cpu", "torch.exp"]
+    assert fig.axes[0].get_yticklabels()[3].get_color() == plot.FAST_COLOUR      # the fast backend stands out
+    plt.close(fig)
+    assert plot.write_plot(report, str(tmp_path / "p.png")) is None and (tmp_path / "p.png").stat().st_size > 0
