@@ -19,6 +19,11 @@ devices: --device cpu times the cpu backend with the host clock against the stre
 probe; --device cuda times the cuda and triton backends (and torch.compile of the reference)
 with CUDA events against a device-to-device copy measured in the same run. The CUDA path has
 not run on a GPU yet (none where it was written).
+
+comparing runs: --compare BASE.json runs the bench and compares it with BASE; --compare
+BASE.json NEW.json compares two reports without running anything. A row moved only when the
+repeat spans [min, max] of the two runs do not overlap; --fail-ratio 1.5 exits 1 if a row is
+more than 1.5x slower beyond that noise.
 """
 
 
@@ -62,13 +67,25 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from diffkern.bench import devices
+    from diffkern.bench import compare, devices, report
 
+    if args.compare and len(args.compare) > 2:
+        return _fail("--compare takes BASE.json [NEW.json]")
+    if args.fail_ratio is not None and not args.compare:
+        return _fail("--fail-ratio needs --compare")
     try:
-        _run_bench(args)
-    except devices.DeviceUnavailable as exc:
+        base = report.read_json(args.compare[0]) if args.compare else None   # before a long run
+        if args.compare and len(args.compare) == 2:      # two reports: compare only, run nothing
+            new, new_path = report.read_json(args.compare[1]), args.compare[1]
+        else:
+            new, new_path = _run_bench(args), args.json
+    except (ValueError, devices.DeviceUnavailable) as exc:
         return _fail(str(exc))
-    return 0
+    if base is None:
+        return 0
+    text, status = compare.run_compare(base, new, args.compare[0], new_path, args.fail_ratio)
+    print(text, file=sys.stderr if status == 2 else sys.stdout)
+    return status
 
 
 def _fail(message: str) -> int:
@@ -119,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this suite (repeatable); default: all")
     p.add_argument("--device", default="cpu", choices=sorted(DEVICES),
                    help="where to time: cpu (default) or cuda (every backend available on the GPU)")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="BASE.json [NEW.json]: ratio of medians per matching row, moved beyond noise or not")
+    p.add_argument("--fail-ratio", type=float, metavar="R",
+                   help="with --compare: exit 1 if a row is more than R times slower beyond noise")
     p.add_argument("--budget-s", type=float, metavar="S",
                    help="start no new case after S seconds; the rest are reported as skipped")
     p.add_argument("--json", default="diffkern-bench.json", help="where to write the JSON report")

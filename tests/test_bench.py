@@ -1,5 +1,5 @@
 """`diffkern bench` machinery: the synchronised timer (a fake asynchronous device), the device
-axis, the suite registry, the progress total and the plot.
+axis, the suite registry, the progress total, --compare (a planted 2x slowdown) and the plot.
 No timing is asserted about real work: the fake device's times are exact by construction."""
 
 import functools
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffkern import cli
-from diffkern.bench import SUITES, devices, harness, plot, suite_plan
+from diffkern.bench import SUITES, compare, devices, harness, plot, suite_plan
 
 # ---- a fake asynchronous device -------------------------------------------------------------
 
@@ -162,6 +162,76 @@ def test_suites_are_a_registration(tmp_path, monkeypatch, capsys):
     assert all(r["repeats"] >= 3 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
                for r in rows if not r["note"])
     assert "skipped: not built here (a test)" in capsys.readouterr().out
+
+
+# ---- --compare --------------------------------------------------------------------------------
+
+def _write(path, report):
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def _slowed(report: dict, op: str, impl: str, factor: float) -> dict:
+    doctored = json.loads(json.dumps(report))
+    for r in doctored["rows"]:
+        if r["op"] == op and r["impl"] == impl:
+            for field in ("median_ms", "min_ms", "max_ms"):
+                r[field] *= factor
+    return doctored
+
+
+def test_compare_flags_a_planted_2x_slowdown(tmp_path, capsys):
+    base = _fake_gpu_report(progress=False)
+    base_path = _write(tmp_path / "base.json", base)
+    assert cli.main(["bench", "--compare", base_path, base_path, "--fail-ratio", "1.5"]) == 0
+    same = capsys.readouterr().out
+    assert "14 rows timed in both: 0 slower and 0 faster beyond noise, 14 within noise" in same
+    assert "OK: no row slower than 1.5x" in same
+
+    new_path = _write(tmp_path / "new.json", _slowed(base, "fake_a", "cpu", 2.0))
+    assert cli.main(["bench", "--compare", base_path, new_path, "--fail-ratio", "1.5"]) == 1
+    out = capsys.readouterr().out
+    slowed = [line for line in out.splitlines() if line.startswith("fake_a") and " cpu " in line]
+    assert len(slowed) == 2 and all("2.00x" in line and "SLOWER" in line for line in slowed)
+    assert "FAIL (--fail-ratio 1.5)" in out and "fake_a n=1000 cpu (fakegpu): 2.00x slower, beyond noise" in out
+    assert cli.main(["bench", "--compare", base_path, new_path]) == 0          # no threshold: report only
+    assert cli.main(["bench", "--compare", base_path, new_path, "--fail-ratio", "2.5"]) == 0
+
+
+def test_compare_judges_a_move_against_the_repeat_spread():
+    row = dict(device="cpu", op="op", label="s", impl="cpu", note="")
+    base = {"rows": [dict(row, median_ms=2.0, min_ms=1.0, max_ms=3.0)]}
+    within = {"rows": [dict(row, median_ms=2.5, min_ms=1.5, max_ms=3.5)]}
+    beyond = {"rows": [dict(row, median_ms=3.6, min_ms=3.5, max_ms=3.7)]}
+    failed = {"rows": [dict(row, median_ms=float("nan"), min_ms=float("nan"), max_ms=float("nan"),
+                            note="failed: RuntimeError: boom")]}
+    assert compare.compare(base, within).pairs[0].verdict == compare.NOISE
+    assert compare.compare(base, within).regressions(1.1) == []
+    assert compare.compare(base, beyond).pairs[0].verdict == compare.SLOWER
+    assert compare.compare(base, failed).regressions(1.1) == ["op s cpu: failed: RuntimeError: boom"]
+
+
+def test_compare_without_matching_rows_is_one_clear_line(tmp_path, capsys):
+    base = _fake_gpu_report(progress=False)
+    other = json.loads(json.dumps(base))
+    other["quick"] = True
+    for r in other["rows"]:
+        r["label"] += " (other shape)"
+    args = ["bench", "--compare", _write(tmp_path / "a.json", base), _write(tmp_path / "b.json", other)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no row is timed in both reports" in err and "quick" in err
+    assert cli.main(["bench", "--compare", str(tmp_path / "missing.json"), str(tmp_path / "a.json")]) == 2
+    assert "cannot read a bench report" in capsys.readouterr().err
+
+
+def test_compare_against_a_new_run(tmp_path, monkeypatch, capsys):
+    """--compare BASE alone runs the bench (here the fake suite on the CPU) and compares."""
+    monkeypatch.setitem(SUITES, "fake", __name__)
+    run = ["bench", "--suite", "fake", "--quick", "--no-progress", "--png", ""]
+    assert cli.main(run + ["--json", str(tmp_path / "base.json")]) == 0
+    assert cli.main(run + ["--json", str(tmp_path / "new.json"), "--compare", str(tmp_path / "base.json")]) == 0
+    assert "10 rows timed in both" in capsys.readouterr().out     # --quick: no torch.compile rows
 
 
 # ---- the plot ---------------------------------------------------------------------------------
