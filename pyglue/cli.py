@@ -10,15 +10,15 @@ import sys
 DEMOS = {"spectrum": "diffkern.spectrum.demo", "poe-bridge": "diffkern.poe_bridge.demo"}
 
 BENCH_EPILOG = """\
-what a run needs (measured on a 2-core, 24 GiB CPU machine; see BENCHMARKS.md):
-  full run   about 7-11 min and 5.2 GB peak memory, mostly the slow plain-torch baselines
+what a run needs (peak RSS measured on a shared 2-core, 24 GiB CPU machine; see BENCHMARKS.md):
+  full run   5.2 GB of memory and 7-16 min, mostly the slow plain-torch baselines
              (float64 reference, eager softmaxes over [K, W, V]) on the full-size shapes
-  --quick    seconds, under 1 GB: small shapes, no torch.compile rows
+  --quick    0.75 GB and about 30 s: small shapes, no torch.compile rows
 
 devices: --device cpu times the cpu backend with the host clock against the streaming-read
 probe; --device cuda times the cuda and triton backends (and torch.compile of the reference)
 with CUDA events against a device-to-device copy measured in the same run. The CUDA path has
-not run on a GPU yet (none where it was written).
+not run on a GPU yet (none where it was written); scripts/gpu_check.sh runs it on one.
 
 comparing runs: --compare BASE.json runs the bench and compares it with BASE; --compare
 BASE.json NEW.json compares two reports without running anything. A row moved only when the

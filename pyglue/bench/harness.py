@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .devices import BenchDevice, bench_device, stream_read_bandwidth, time_call
+from .devices import DEVICE_BACKENDS, BenchDevice, bench_device, stream_read_bandwidth, time_call
 
 COMPILED_PREFIX = "torch.compile"
 
@@ -99,8 +99,6 @@ def _operators() -> dict:
 def fast_backends(op: str, device: str) -> list[str]:
     """The compiled backends that ``op`` registers for ``device``, whether or not they can run
     here (one that cannot becomes a row saying why, see :func:`unavailable`)."""
-    from .devices import DEVICE_BACKENDS
-
     table = _operators()
     if op not in table:
         raise KeyError(f"no operator {op!r} in diffkern.ops; known: {sorted(table)}")
@@ -141,7 +139,7 @@ def _first_tensor(out) -> torch.Tensor:
 
 
 def _max_rel_err(out, ref) -> float:
-    a, b = _first_tensor(out).detach().double().cpu(), _first_tensor(ref).detach().double().cpu()
+    a, b = _first_tensor(out).detach().double(), _first_tensor(ref).detach().double()
     if a.shape != b.shape:
         raise RuntimeError(f"shape mismatch against the baseline: {tuple(a.shape)} vs {tuple(b.shape)}")
     finite = torch.isfinite(b)
