@@ -209,6 +209,9 @@ def test_compare_judges_a_move_against_the_repeat_spread():
     assert compare.compare(base, within).regressions(1.1) == []
     assert compare.compare(base, beyond).pairs[0].verdict == compare.SLOWER
     assert compare.compare(base, failed).regressions(1.1) == ["op s cpu: failed: RuntimeError: boom"]
+    older = {"rows": [dict(row, median_ms=2.0)]}                 # a report from before the spread was recorded
+    assert compare.compare(older, beyond).pairs[0].verdict == compare.UNKNOWN
+    assert compare.compare(older, beyond).regressions(1.5) == ["op s cpu: 1.80x slower, no spread recorded"]
 
 
 def test_compare_without_matching_rows_is_one_clear_line(tmp_path, capsys):
