@@ -9,6 +9,23 @@ import sys
 
 DEMOS = {"spectrum": "diffkern.spectrum.demo", "poe-bridge": "diffkern.poe_bridge.demo"}
 
+BENCH_EPILOG = """\
+what a run needs (peak RSS measured on a shared 2-core, 24 GiB CPU machine; see BENCHMARKS.md):
+  full run   5.2 GB of memory and 7-16 min, mostly the slow plain-torch baselines
+             (float64 reference, eager softmaxes over [K, W, V]) on the full-size shapes
+  --quick    0.75 GB and about 30 s: small shapes, no torch.compile rows
+
+devices: --device cpu times the cpu backend with the host clock against the streaming-read
+probe; --device cuda times the cuda and triton backends (and torch.compile of the reference)
+with CUDA events against a device-to-device copy measured in the same run. The CUDA path has
+not run on a GPU yet (none where it was written); scripts/gpu_check.sh runs it on one.
+
+comparing runs: --compare BASE.json runs the bench and compares it with BASE; --compare
+BASE.json NEW.json compares two reports without running anything. A row moved only when the
+repeat spans [min, max] of the two runs do not overlap; --fail-ratio 1.5 exits 1 if a row is
+more than 1.5x slower beyond that noise.
+"""
+
 
 def _cpu_features() -> str:
     try:
@@ -50,22 +67,50 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from diffkern.bench import compare, devices, report
+
+    if args.compare and len(args.compare) > 2:
+        return _fail("--compare takes BASE.json [NEW.json]")
+    if args.fail_ratio is not None and not args.compare:
+        return _fail("--fail-ratio needs --compare")
+    try:
+        base = report.read_json(args.compare[0]) if args.compare else None   # before a long run
+        if args.compare and len(args.compare) == 2:      # two reports: compare only, run nothing
+            new, new_path = report.read_json(args.compare[1]), args.compare[1]
+        else:
+            new, new_path = _run_bench(args), args.json
+    except (ValueError, devices.DeviceUnavailable) as exc:
+        return _fail(str(exc))
+    if base is None:
+        return 0
+    text, status = compare.run_compare(base, new, args.compare[0], new_path, args.fail_ratio)
+    print(text, file=sys.stderr if status == 2 else sys.stdout)
+    return status
+
+
+def _fail(message: str) -> int:
+    print(f"diffkern bench: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_bench(args) -> dict:
     import torch
 
-    from diffkern.bench import SUITES, harness, suite_cases
+    from diffkern.bench import SUITES, devices, harness, plot, report, suite_plan
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    suites = args.suite or list(SUITES)
-    cases = harness.chain(*(suite_cases(s, args.quick) for s in suites))
-    report = harness.run(cases, quick=args.quick, progress=not args.no_progress)
-    print(harness.format_table(report))
-    harness.write_json(report, args.json)
+    device = devices.bench_device(args.device)
+    plans = [p for suite in args.suite or sorted(SUITES) for p in suite_plan(suite, args.quick, args.device)]
+    result = harness.run(plans, quick=args.quick, device=device, progress=not args.no_progress,
+                         budget_s=args.budget_s)
+    print(report.format_table(result))
+    report.write_json(result, args.json)
     print(f"wrote {args.json}")
     if args.png:
-        problem = harness.write_plot(report, args.png)
+        problem = plot.write_plot(result, args.png)
         print(problem or f"wrote {args.png}")
-    return 0
+    return result
 
 
 def cmd_demo(args) -> int:
@@ -73,16 +118,30 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffkern.bench import SUITES
+    from diffkern.bench.devices import DEVICES
+
     parser = argparse.ArgumentParser(prog="diffkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="versions, backends (and why not), CPU features, build flags")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("bench", help="time every operator x backend; prints a table, writes JSON and a PNG")
-    p.add_argument("--quick", action="store_true", help="small shapes, no torch.compile rows: a run of seconds")
-    p.add_argument("--suite", action="append", choices=["chebyshev", "poe"],
+    p = sub.add_parser("bench", help="time every operator x backend; prints a table, writes JSON and a PNG",
+                       description="Time every operator x backend; print a table, write JSON and a PNG.",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, no torch.compile rows: a run of seconds, under 1 GB")
+    p.add_argument("--suite", action="append", choices=sorted(SUITES),
                    help="run only this suite (repeatable); default: all")
+    p.add_argument("--device", default="cpu", choices=sorted(DEVICES),
+                   help="where to time: cpu (default) or cuda (every backend available on the GPU)")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="BASE.json [NEW.json]: ratio of medians per matching row, moved beyond noise or not")
+    p.add_argument("--fail-ratio", type=float, metavar="R",
+                   help="with --compare: exit 1 if a row is more than R times slower beyond noise")
+    p.add_argument("--budget-s", type=float, metavar="S",
+                   help="start no new case after S seconds; the rest are reported as skipped")
     p.add_argument("--json", default="diffkern-bench.json", help="where to write the JSON report")
     p.add_argument("--png", default="diffkern-bench.png",
                    help="where to write the speed-up plot ('' to skip; default: %(default)s)")

@@ -12,7 +12,7 @@ import torch
 import diffkern
 from diffkern.ops import poe
 
-from conftest import available
+from conftest import available, on_triton_device
 from poe_helpers import make_logits, run_on, safe_draft_uniforms, safe_verify_uniforms
 
 pytestmark = pytest.mark.skipif(not available("triton"), reason="triton backend unavailable")
@@ -23,8 +23,9 @@ def test_dispatch_reasons():
     d, a, temps = make_logits(torch.float32, 2, 2, 2, 7, seed=0)
     T, u = temps.expand(2, 2), torch.rand(2, 2, 3, dtype=torch.float64)
     tok = torch.zeros(2, 2, 2, dtype=torch.int64)
+    d, a, T, u, tok, lw = on_triton_device((d, a, T, u, tok, torch.zeros(2, 2)))   # where triton runs
     assert poe._draft_op.reasons("triton", d, T, 0.9, u[..., :2], False) == []
-    assert poe._verify_op.reasons("triton", d.unsqueeze(1).expand(2, 2, 2, 7), a, tok, T, torch.zeros(2, 2),
+    assert poe._verify_op.reasons("triton", d.unsqueeze(1).expand(2, 2, 2, 7), a, tok, T, lw,
                                   0.3, 0.9, 0.0, u, False, False) == []
     with pytest.raises(RuntimeError, match="dtype torch.float64 is not supported"):
         run_on("triton", diffkern.ops.product_of_experts, [d.double(), d.double()], [0.5, 0.5])
@@ -170,7 +171,9 @@ def test_nucleus_membership_matches_reference(dtype, top_p):
     out = torch.zeros(R, V, dtype=torch.int8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        _nucleus_mask_kernel[(1,)](x, temps, out, R, V, top_p, BLOCK_R=16, BLOCK_V=512, BLOCK_S=64)
+        on_device = on_triton_device((x, temps, out))
+        _nucleus_mask_kernel[(1,)](*on_device, R, V, top_p, BLOCK_R=16, BLOCK_V=512, BLOCK_S=64)
+    out = on_device[2].cpu()
     q = torch.softmax(x.double() / temps.double().unsqueeze(-1), -1)
     want = poe.nucleus_mask(q, top_p)
     for r in range(R):

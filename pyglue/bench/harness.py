@@ -1,24 +1,31 @@
 """The benchmark harness behind ``diffkern bench``.
 
-A suite yields :class:`Case` objects; each case times several implementations of one operator on
-one shape and reports, per implementation: median time, speed-up over the baseline (the
-reference) and over ``torch.compile`` of it, effective GB/s and the fraction of this machine's
-streaming-read bandwidth *measured in the same run*, elements/s, and the max error against the
-baseline. Shared machines drift, so compare ratios within one run, never absolute times.
+A suite plans :class:`CasePlan` objects (cheap: names only) whose ``build()`` makes a
+:class:`Case` (allocates the tensors). Planning first lets the progress bar count the work up
+front; building one case at a time keeps only one case's tensors alive.
+
+Each case times several implementations of one operator on one shape and reports, per
+implementation: median time (and the repeats' min..max, the row's own noise), speed-up over the
+baseline (the reference) and over ``torch.compile`` of it, effective GB/s and the fraction of the
+device's limit *measured in the same run* (see :mod:`.devices`), elements/s, and the max error
+against the baseline. Shared machines drift, so compare ratios within one run, or two runs with
+``diffkern bench --compare`` (which judges each row against its repeat spread).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
-import json
-import os
+import importlib
 import platform
-import statistics
+import pkgutil
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
+
+from .devices import DEVICE_BACKENDS, BenchDevice, bench_device, stream_read_bandwidth, time_call
 
 COMPILED_PREFIX = "torch.compile"
 
@@ -27,7 +34,8 @@ COMPILED_PREFIX = "torch.compile"
 class Case:
     """One operator on one shape. ``impls`` and ``extra`` map names to zero-argument callables
     returning a tensor or a tuple whose first tensor is compared; ``extra`` rows are reference
-    points (e.g. ``torch.exp`` over the same tensor): timed and reported, not error-checked."""
+    points (e.g. ``torch.exp`` over the same tensor): timed and reported, not error-checked.
+    ``skipped`` maps impl names that cannot run here to the reason their row will show."""
 
     op: str
     label: str
@@ -37,6 +45,20 @@ class Case:
     baseline: str = "reference"
     compiled: Optional[str] = "torch.compile(reference)"
     extra: dict[str, Callable] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def row_names(self) -> list[str]:
+        return list(self.impls) + list(self.extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class CasePlan:
+    """A case before its tensors exist: ``impls`` names every row it will report, in order."""
+
+    op: str
+    label: str
+    impls: tuple[str, ...]
+    build: Callable[[], Case]
 
 
 @dataclasses.dataclass
@@ -48,47 +70,72 @@ class Row:
     speedup_vs_baseline: Optional[float]
     speedup_vs_compiled: Optional[float]
     gbps: float
-    frac_stream_bw: float
+    frac_stream_bw: float           # fraction of the device's limit probe (CPU: streaming read)
     elements_per_s: float
     max_rel_err: Optional[float]
     note: str = ""
+    device: str = "cpu"
+    min_ms: float = float("nan")    # the repeats' spread: what --compare calls this row's noise
+    max_ms: float = float("nan")
+    repeats: int = 0
+    baseline: str = ""              # the impl that speedup_vs_baseline divides by
 
+
+# ---- which backends a case times ------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _operators() -> dict:
+    """Every dispatch table in ``diffkern.ops``, by operator name (read, never modified)."""
+    from .. import ops
+    from .._dispatch import Operator
+
+    found = {}
+    for info in pkgutil.iter_modules(ops.__path__):
+        module = importlib.import_module(f"{ops.__name__}.{info.name}")
+        found.update({v.name: v for v in vars(module).values() if isinstance(v, Operator)})
+    return found
+
+
+def fast_backends(op: str, device: str) -> list[str]:
+    """The compiled backends that ``op`` registers for ``device``, whether or not they can run
+    here (one that cannot becomes a row saying why, see :func:`unavailable`)."""
+    table = _operators()
+    if op not in table:
+        raise KeyError(f"no operator {op!r} in diffkern.ops; known: {sorted(table)}")
+    return [b for b in DEVICE_BACKENDS[device] if b in table[op].impls]
+
+
+def unavailable(names) -> dict[str, str]:
+    """``{backend: why}`` for the backends among ``names`` that cannot run on this machine."""
+    from .. import backends
+
+    status = backends()
+    return {n: status[n].reason for n in names if not status[n].available}
+
+
+def with_backends(op: str, device: str, impls: dict, call_on: Callable[[str], Callable]) -> tuple[dict, dict]:
+    """``(impls plus one row per compiled backend of op on device, {backend: why it cannot run})``;
+    ``call_on(backend)`` makes the zero-argument callable that runs ``op`` on that backend."""
+    fast = fast_backends(op, device)
+    return {**impls, **{b: call_on(b) for b in fast}}, unavailable(fast)
+
+
+def compile_lazily(fn: Callable, **options) -> Callable:
+    """``torch.compile(fn, **options)``, made on the first call: ``--quick`` never times the
+    compiled rows, so it never pays torch.compile's imports (about 200 MB of memory)."""
+    compiled: list[Callable] = []
+
+    def call(*args, **kwargs):
+        if not compiled:
+            compiled.append(torch.compile(fn, **options))
+        return compiled[0](*args, **kwargs)
+    return call
+
+
+# ---- timing one case ------------------------------------------------------------------------
 
 def _first_tensor(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def time_call(fn: Callable, *, min_repeats: int = 3, max_repeats: int = 15, budget_s: float = 3.0):
-    """``(median seconds per call, output of the warm-up call)``. The warm-up also absorbs
-    compilation; calls slower than 5 s are timed twice rather than ``min_repeats`` times."""
-    t0 = time.perf_counter()
-    out = fn()
-    if time.perf_counter() - t0 > 5.0:
-        min_repeats = min(min_repeats, 2)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def stream_read_bandwidth(quick: bool) -> tuple[float, str]:
-    """This machine's streaming-read bandwidth in GB/s: the best of diffkern's C++ read probe
-    (if built) and ``torch.sum`` over a buffer far larger than the caches."""
-    buf = torch.ones((64 if quick else 256) * 2**20 // 4)
-    probes = {"torch.sum": lambda: buf.sum()}
-    if hasattr(torch.ops, "diffkern") and _has_probe():
-        probes["diffkern.stream_read_probe"] = lambda: torch.ops.diffkern.stream_read_probe(buf)
-    results = {name: buf.numel() * 4 / time_call(fn, min_repeats=5)[0] / 1e9 for name, fn in probes.items()}
-    best = max(results, key=results.get)
-    return results[best], best
-
-
-def _has_probe() -> bool:
-    from .. import _extension
-    return _extension.load()[0]
 
 
 def _max_rel_err(out, ref) -> float:
@@ -102,142 +149,118 @@ def _max_rel_err(out, ref) -> float:
     return (a[finite] - b[finite]).abs().max().item() / max(scale, 1e-30) if finite.any() else 0.0
 
 
-def run_case(case: Case, stream_gbps: float, skip_compiled: bool, progress=None) -> list[Row]:
-    timings: dict[str, float] = {}
-    errors: dict[str, Optional[float]] = {}
-    notes: dict[str, str] = {}
+def _timing_order(case: Case) -> list[str]:
+    # baseline first: its output is the yardstick of the others' errors
+    return [case.baseline] + [n for n in case.impls if n != case.baseline] + list(case.extra)
+
+
+def run_case(case: Case, limit_gbps: float, skip_compiled: bool, progress=None,
+             device: Optional[BenchDevice] = None) -> list[Row]:
+    device = device or bench_device("cpu")
+    timings, errors, notes = {}, {}, {}
     baseline_out = None
-    order = [case.baseline] + [n for n in case.impls if n != case.baseline]  # baseline first: its output is the yardstick
-    for name, fn in [(n, case.impls[n]) for n in order] + list(case.extra.items()):
+    callables = {**case.impls, **case.extra}
+    for name in _timing_order(case):
         if progress is not None:
-            progress.set_postfix_str(f"{case.op} {case.label} {name}"[:70])
-        if skip_compiled and name.startswith(COMPILED_PREFIX):
+            progress.set_postfix_str(f"{case.op} {case.label} | {name}"[:80])
+        if name in case.skipped:
+            notes[name] = f"skipped: {case.skipped[name]}"
+        elif skip_compiled and name.startswith(COMPILED_PREFIX):
             notes[name] = "skipped (--quick)"
-            continue
-        try:
-            timings[name], out = time_call(fn)
-            if name == case.baseline:
-                baseline_out = out
-            if name not in case.extra and baseline_out is not None:
-                errors[name] = _max_rel_err(out, baseline_out)
-        except Exception as exc:  # report a failing implementation as a row, never hide it
-            notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        else:
+            try:
+                timings[name], out = time_call(callables[name], device.clock)
+                if name == case.baseline:
+                    baseline_out = out
+                if name not in case.extra and baseline_out is not None:
+                    errors[name] = _max_rel_err(out, baseline_out)
+                del out
+            except Exception as exc:  # report a failing implementation as a row, never hide it
+                notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         if progress is not None:
             progress.update(1)
-    rows = []
-    base_t = timings.get(case.baseline)
-    comp_t = timings.get(case.compiled) if case.compiled else None
-    for name in list(case.impls) + list(case.extra):
-        t = timings.get(name)
-        gbps = case.bytes_moved / t / 1e9 if t else float("nan")
-        rows.append(Row(
-            op=case.op, label=case.label, impl=name,
-            median_ms=t * 1e3 if t else float("nan"),
-            speedup_vs_baseline=base_t / t if t and base_t and name not in case.extra else None,
-            speedup_vs_compiled=comp_t / t if t and comp_t and name not in case.extra else None,
-            gbps=gbps, frac_stream_bw=gbps / stream_gbps if t else float("nan"),
-            elements_per_s=case.elements / t if t else float("nan"),
-            max_rel_err=errors.get(name), note=notes.get(name, "")))
-    return rows
+    return [_row(case, name, timings, errors.get(name), notes.get(name, ""), limit_gbps, device.name)
+            for name in case.row_names()]
 
 
-def run(cases: Iterable[Case], *, quick: bool, progress: bool = True) -> dict:
-    """Run every case; returns the report dict that ``--json`` writes."""
+def _row(case: Case, name: str, timings: dict, error, note: str, limit_gbps: float, device: str) -> Row:
+    nan = float("nan")
+    t = timings.get(name)
+    base = timings.get(case.baseline)
+    comp = timings.get(case.compiled) if case.compiled else None
+    ratio_ok = t is not None and name not in case.extra
+    gbps = case.bytes_moved / t.median_s / 1e9 if t else nan
+    return Row(op=case.op, label=case.label, impl=name,
+               median_ms=t.median_s * 1e3 if t else nan,
+               speedup_vs_baseline=base.median_s / t.median_s if ratio_ok and base else None,
+               speedup_vs_compiled=comp.median_s / t.median_s if ratio_ok and comp else None,
+               gbps=gbps, frac_stream_bw=gbps / limit_gbps if t else nan,
+               elements_per_s=case.elements / t.median_s if t else nan,
+               max_rel_err=error, note=note, device=device,
+               min_ms=t.min_s * 1e3 if t else nan, max_ms=t.max_s * 1e3 if t else nan,
+               repeats=t.repeats if t else 0, baseline=case.baseline)
+
+
+def _unrun_rows(plan: CasePlan, note: str, device: str) -> list[Row]:
+    nan = float("nan")
+    return [Row(plan.op, plan.label, name, nan, None, None, nan, nan, nan, None, note, device)
+            for name in plan.impls]
+
+
+def _build(plan: CasePlan) -> Case:
+    case = plan.build()
+    if (case.op, case.label, tuple(case.row_names())) != (plan.op, plan.label, plan.impls):
+        raise RuntimeError(f"bench suite bug: planned {plan.op} {plan.label} {plan.impls}, built "
+                           f"{case.op} {case.label} {tuple(case.row_names())}")
+    return case
+
+
+# ---- a whole run ----------------------------------------------------------------------------
+
+def run(plans: Sequence[CasePlan], *, quick: bool, device: Optional[BenchDevice] = None,
+        progress: bool = True, budget_s: Optional[float] = None) -> dict:
+    """Run every planned case on ``device``; returns the report dict that ``--json`` writes.
+    With ``budget_s``, cases not started within that many seconds are reported as skipped."""
     from tqdm.auto import tqdm
 
-    stream_gbps, probe = stream_read_bandwidth(quick)
-    bar = tqdm(desc="diffkern bench", unit="impl", disable=not progress)
+    device = device or bench_device("cpu")
+    started = time.perf_counter()
+    limit_gbps, probe = device.limit(quick)
+    # the CPU keys stay meaningful on a GPU run (consumers of older reports read them)
+    stream_gbps, stream_probe = (limit_gbps, probe) if device.name == "cpu" else stream_read_bandwidth(quick)
+    # smoothing=0: the ETA averages over the whole run (rows differ in cost by 1000x)
+    bar = tqdm(total=sum(len(p.impls) for p in plans), desc="diffkern bench", unit="timing",
+               smoothing=0, disable=not progress)
     rows: list[Row] = []
-    for case in cases:
-        # Shared machines drift by tens of percent within minutes: measure the ceiling around
-        # each case (mean of before and after) so "% stream" compares like with like.
-        before = stream_read_bandwidth(quick)[0]
-        case_rows = run_case(case, before, skip_compiled=quick, progress=bar)
-        around = 0.5 * (before + stream_read_bandwidth(quick)[0])
-        for row in case_rows:
-            row.frac_stream_bw = row.gbps / around
-        rows.extend(case_rows)
-        del case
-        gc.collect()
+    for index, plan in enumerate(plans, 1):
+        bar.set_description(f"diffkern bench, case {index}/{len(plans)}")
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            rows += _unrun_rows(plan, f"skipped: time budget of {budget_s:.0f} s spent", device.name)
+            bar.update(len(plan.impls))
+            continue
+        rows += _run_planned(plan, device, quick, bar)
     bar.close()
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "stream_read_gbps": stream_gbps, "stream_probe": probe},
+                    "stream_read_gbps": stream_gbps, "stream_probe": stream_probe,
+                    "device": device.name, "device_name": device.description,
+                    "limit_gbps": limit_gbps, "limit_probe": probe, "limit_what": device.limit_what},
         "quick": quick,
         "rows": [dataclasses.asdict(r) for r in rows],
     }
 
 
-# ---- presentation ------------------------------------------------------------------------
-
-def _fmt(value, spec: str, none: str = "-") -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return none
-    return format(value, spec)
-
-
-def format_table(report: dict) -> str:
-    m = report["machine"]
-    header = (f"streaming-read bandwidth at start ({m['stream_probe']}): {m['stream_read_gbps']:.1f} GB/s; "
-              "'% stream' uses the probe re-measured around each case; "
-              f"{m['threads']} threads, torch {m['torch']}")
-    cols = ("op", "shape", "impl", "median ms", "x ref", "x compile", "GB/s", "% stream", "elem/s", "max rel err")
-    lines = []
-    for r in report["rows"]:
-        lines.append((r["op"], r["label"], r["impl"] + (f" [{r['note']}]" if r["note"] else ""),
-                      _fmt(r["median_ms"], ".2f"), _fmt(r["speedup_vs_baseline"], ".2f"),
-                      _fmt(r["speedup_vs_compiled"], ".2f"), _fmt(r["gbps"], ".1f"),
-                      _fmt(r["frac_stream_bw"] * 100 if r["frac_stream_bw"] == r["frac_stream_bw"] else None, ".0f"),
-                      _fmt(r["elements_per_s"], ".3g"), _fmt(r["max_rel_err"], ".1e")))
-    widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
-    fmt_line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [header, fmt_line(cols), fmt_line(["-" * w for w in widths])]
-    out += [fmt_line(l) for l in lines]
-    return "\n".join(out)
-
-
-def write_json(report: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-
-
-def write_plot(report: dict, path: str) -> Optional[str]:
-    """Bar chart of speed-up over the reference per case; returns None if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed; no plot written (pip install matplotlib)"
-    cases: dict[str, dict[str, float]] = {}
-    for r in report["rows"]:
-        if r["speedup_vs_baseline"]:
-            cases.setdefault(f"{r['op']}\n{r['label']}", {})[r["impl"]] = r["speedup_vs_baseline"]
-    if not cases:
-        return "no timed rows to plot"
-    impls = sorted({i for c in cases.values() for i in c})
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases)), 5))
-    width = 0.8 / len(impls)
-    for j, impl in enumerate(impls):
-        xs = [i + j * width for i in range(len(cases))]
-        ax.bar(xs, [c.get(impl, 0.0) for c in cases.values()], width, label=impl)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels(list(cases), fontsize=7)
-    ax.set_yscale("log")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_ylabel("speed-up over reference (log)")
-    ax.set_title(f"diffkern bench ({report['machine']['threads']} threads; "
-                 f"stream read {report['machine']['stream_read_gbps']:.1f} GB/s)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
-
-
-def chain(*generators: Iterable[Case]) -> Iterator[Case]:
-    for g in generators:
-        yield from g
+def _run_planned(plan: CasePlan, device: BenchDevice, quick: bool, bar) -> list[Row]:
+    case = _build(plan)
+    # Shared machines drift by tens of percent within minutes: measure the limit around each
+    # case (mean of before and after) so the fraction compares like with like.
+    before = device.limit(quick)[0]
+    case_rows = run_case(case, before, skip_compiled=quick, progress=bar, device=device)
+    around = 0.5 * (before + device.limit(quick)[0])
+    for row in case_rows:
+        row.frac_stream_bw = row.gbps / around
+    del case
+    gc.collect()
+    device.release_memory()
+    return case_rows
