@@ -57,7 +57,7 @@ def test_draft_follows_q(backend, top_p):
     need(backend)
     d, _ = _rows()
     dlm = d.float().unsqueeze(0).expand(N, 2, V)                        # stride-0 over B
-    tok, log_q = _run(backend, diffkern.ops.poe_draft, dlm, TEMPS, top_p=top_p, seed=123)
+    tok, log_q = run_on(backend, diffkern.ops.poe_draft, dlm, TEMPS, top_p=top_p, seed=123)
     for k, T in enumerate(TEMPS.tolist()):
         for j in range(2):
             q = poe._proposal(d[j].view(1, V), torch.tensor([T], dtype=torch.float64), top_p)[0]
@@ -74,8 +74,8 @@ def test_emitted_token_follows_poe_target(backend, w, top_p):
     d, a = _rows()
     dlm = d.float().unsqueeze(0).expand(N, 2, V)
     ar = a.float().unsqueeze(0).expand(N, 3, 2, V)
-    tok, _ = _run(backend, diffkern.ops.poe_draft, dlm, TEMPS, top_p=top_p, seed=5)
-    res = _run(backend, diffkern.ops.poe_verify, dlm, ar, tok, TEMPS, weight=w, top_p=top_p, seed=6)
+    tok, _ = run_on(backend, diffkern.ops.poe_draft, dlm, TEMPS, top_p=top_p, seed=5)
+    res = run_on(backend, diffkern.ops.poe_verify, dlm, ar, tok, TEMPS, weight=w, top_p=top_p, seed=6)
     for k, T in enumerate(TEMPS.tolist()):
         poe_l = poe._weighted(w, d[0]) + poe._weighted(1 - w, a[k, 0])
         p = torch.softmax(poe_l / T, -1)
