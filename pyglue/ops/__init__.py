@@ -8,3 +8,6 @@ __all__ = ["chebyshev_basis", "chebyshev_eval", "chebyshev_fit", "chebyshev_fore
 from .poe import PoEVerifyResult, poe_draft, poe_verify, product_of_experts
 
 __all__ += ["PoEVerifyResult", "poe_draft", "poe_verify", "product_of_experts"]
+from .tabdiff import tabdiff_churn, tabdiff_guide, tabdiff_heun, tabdiff_observe, tabdiff_step
+
+__all__ += ["tabdiff_churn", "tabdiff_guide", "tabdiff_heun", "tabdiff_observe", "tabdiff_step"]
