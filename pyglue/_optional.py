@@ -13,6 +13,11 @@ EXTRAS = {
     "sklearn": ("scikit-learn", "spectrum"),
     "matplotlib": ("matplotlib", "bench"),
     "triton": ("triton", "triton"),
+    "pandas": ("pandas<3", "tabdiff"),
+    "safetensors": ("safetensors", "tabdiff"),
+    "sdmetrics": ("sdmetrics==0.32.0", "eval"),
+    "xgboost": ("xgboost-cpu (the CPU build; plain xgboost pulls a 351 MB NCCL wheel)", "eval"),
+    "sdv": ("sdv==2.0.0 (BUSL-1.1 licensed: an optional extra, for comparisons only)", "sdv"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``diffkern`` command: ``info``, ``bench``, ``demo <method>``."""
+"""The ``diffkern`` command: ``info``, ``bench``, ``demo <method>``, ``tabdiff fit|sample|impute|evaluate``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import importlib
 import platform
 import sys
 
-DEMOS = {"spectrum": "diffkern.spectrum.demo", "poe-bridge": "diffkern.poe_bridge.demo"}
+DEMOS = {"spectrum": "diffkern.spectrum.demo", "poe-bridge": "diffkern.poe_bridge.demo",
+         "tabdiff": "diffkern.tabdiff.demo"}
 
 BENCH_EPILOG = """\
 what a run needs (peak RSS measured on a shared 2-core, 24 GiB CPU machine; see BENCHMARKS.md):
@@ -161,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
         d = demos.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
         mod.add_arguments(d)
         d.set_defaults(func=cmd_demo, demo_run=mod.run)
+
+    try:
+        from .tabdiff.cli import add_parser as add_tabdiff_parser
+    except ImportError as exc:          # pandas is the tabdiff extra's
+        p = sub.add_parser("tabdiff", help=f"unavailable: {exc}")
+        p.set_defaults(func=lambda a, exc=exc: sys.exit(f'diffkern tabdiff: {exc}; pip install "diffkern[tabdiff]"'))
+    else:
+        add_tabdiff_parser(sub)
     return parser
 
 
