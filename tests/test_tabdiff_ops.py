@@ -105,6 +105,10 @@ def test_streams_are_the_reference_uniforms_and_batch_invariant():
     assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
     other_step = diffkern.ops.tabdiff_step(*args, seed=5, step=8, row_start=100)
     assert not torch.equal(other_step[1], whole[1]) or bool((x_cat < torch.tensor(K)).all())
+    # the streams are the spec's (torch) Philox bits, whichever implementation drew them
+    spec = philox.uniform(5, 7, philox.TAGS["tabdiff_unmask"], torch.arange(100, 110).view(-1, 1),
+                          torch.arange(L).view(1, -1))
+    assert torch.equal(td.unmask_uniforms(5, 7, 100, 10, L), spec)
     # the four streams are distinct Philox tags
     tags = {philox.TAGS[t] for t in ("tabdiff_churn", "tabdiff_remask", "tabdiff_unmask", "tabdiff_observed")}
     assert len(tags) == 4

@@ -94,12 +94,14 @@ def churn_noise(seed: int, step: int, row_start: int, B: int, n: int, device="cp
     return philox.normal(seed, step, _TAG_CHURN, _rows(B, row_start, device), _cols(range(n), device))
 
 
+# Uniforms come from the compiled Philox when it is built (the same bits: tests/test_philox.py); the
+# unmask race needs B x L of them per step, a quarter of a reference sampler step in torch ops.
 def remask_uniforms(seed: int, step: int, row_start: int, B: int, m: int, device="cpu") -> Tensor:
-    return philox.uniform(seed, step, _TAG_REMASK, _rows(B, row_start, device), _cols(range(m), device))
+    return philox.fast_uniforms(seed, step, _TAG_REMASK, B, m, row_start=row_start, device=device)
 
 
 def unmask_uniforms(seed: int, step: int, row_start: int, B: int, L: int, device="cpu") -> Tensor:
-    return philox.uniform(seed, step, _TAG_UNMASK, _rows(B, row_start, device), _cols(range(L), device))
+    return philox.fast_uniforms(seed, step, _TAG_UNMASK, B, L, row_start=row_start, device=device)
 
 
 def observed_noise(seed: int, step: int, row_start: int, B: int, n: int, m: int, device="cpu"):
