@@ -77,9 +77,9 @@ def _sdv_fit(name: str, train: pd.DataFrame, seed: int):
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    metadata = Metadata.detect_from_dataframe(train)
+    metadata = Metadata.detect_from_dataframes({"adult": train}, infer_keys=None)   # no column is a key
     synth = getattr(single_table, SDV_CLASSES[name])(metadata)
-    synth.fit(train)
+    synth.fit({"adult": train})          # SDV 2.0 takes {table name: frame}
     return synth
 
 
@@ -117,7 +117,8 @@ class Method:
         torch.manual_seed(seed)
         np.random.seed(seed)
         self._model._set_random_state(seed) if hasattr(self._model, "_set_random_state") else None
-        return self._model.sample(num_rows)
+        table = self._model.sample(num_rows)
+        return table["adult"] if isinstance(table, dict) else table
 
 
 # ---- the study ------------------------------------------------------------------------------
@@ -138,6 +139,11 @@ def _save_cache(path: str, cache: dict) -> None:
         os.replace(tmp, path)
 
 
+def _table_path(cache_path: str, method: str) -> str:
+    """Where the first table of ``method`` is kept for the picture (beside the cache)."""
+    return f"{cache_path}.{method}-0.pkl.gz" if cache_path else ""
+
+
 def run_study(methods, tables: int, num_rows: int, metrics, steps, cache_path: str, fresh: bool,
               log: Callable[[str], None] = print, keep: tuple = ()) -> tuple[list[dict], dict]:
     """One row per (method, table); ``keep`` names methods whose first table is returned for plots."""
@@ -149,8 +155,11 @@ def run_study(methods, tables: int, num_rows: int, metrics, steps, cache_path: s
         method = Method(name, train, steps, progress=True)
         for table in range(tables):
             key = f"{name}/{table}"
-            if key in cache["rows"] and not (table == 0 and name in keep):
+            saved = _table_path(cache_path, name) if table == 0 else ""
+            if key in cache["rows"] and not (table == 0 and name in keep and not os.path.exists(saved)):
                 rows.append(cache["rows"][key])
+                if table == 0 and name in keep:
+                    first_tables[name] = pd.read_pickle(saved)
                 log(f"{name} table {table}: cached")
                 continue
             if method.train_seconds is None and name != "independent":
@@ -162,6 +171,8 @@ def run_study(methods, tables: int, num_rows: int, metrics, steps, cache_path: s
             sample_seconds = time.perf_counter() - started
             if table == 0 and name in keep:
                 first_tables[name] = synthetic
+                if saved:
+                    synthetic.to_pickle(saved)        # our own file, read back only by this cache
             if key in cache["rows"]:
                 rows.append(cache["rows"][key])
                 continue
