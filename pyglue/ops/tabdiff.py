@@ -91,7 +91,7 @@ def _cols(idx, device) -> Tensor:
 
 
 def churn_noise(seed: int, step: int, row_start: int, B: int, n: int, device="cpu") -> Tensor:
-    return philox.normal(seed, step, _TAG_CHURN, _rows(B, row_start, device), _cols(range(n), device))
+    return philox.normals(seed, step, _TAG_CHURN, B, n, row_start=row_start, device=device)
 
 
 # Uniforms come from the compiled Philox when it is built (the same bits: tests/test_philox.py); the

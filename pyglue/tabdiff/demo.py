@@ -116,7 +116,8 @@ class Method:
 
         torch.manual_seed(seed)
         np.random.seed(seed)
-        self._model._set_random_state(seed) if hasattr(self._model, "_set_random_state") else None
+        if hasattr(self._model, "_set_random_state"):
+            self._model._set_random_state(seed)
         table = self._model.sample(num_rows)
         return table["adult"] if isinstance(table, dict) else table
 

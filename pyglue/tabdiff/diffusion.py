@@ -28,6 +28,21 @@ from ..ops.tabdiff import segment_offsets
 from .network import Denoiser
 
 
+def _per_column_parameter(module: nn.Module, width: int, init: float, fixed: Optional[Sequence[float]]) -> nn.Parameter:
+    """The raw learnable per-column parameter; with ``fixed`` values it is frozen and ``module.fixed``
+    (a buffer, saved with the model) holds the values used instead."""
+    raw = nn.Parameter(torch.full((width,), float(init)), requires_grad=fixed is None)
+    if fixed is not None:
+        module.register_buffer("fixed", torch.as_tensor(list(fixed), dtype=torch.float32))
+    else:
+        module.fixed = None
+    return raw
+
+
+def _softplus_or_fixed(raw: Tensor, fixed: Optional[Tensor], offset: float) -> Tensor:
+    return fixed if fixed is not None else F.softplus(raw) + offset
+
+
 class PowerMeanSchedule(nn.Module):
     """Per-column power-mean noise ``sigma_i(t)``; ``rho`` learnable unless ``fixed_rho`` is given."""
 
@@ -35,15 +50,10 @@ class PowerMeanSchedule(nn.Module):
                  rho_offset: float = 5.0, fixed_rho: Optional[Sequence[float]] = None):
         super().__init__()
         self.sigma_min, self.sigma_max, self.rho_offset = sigma_min, sigma_max, rho_offset
-        self.rho_raw = nn.Parameter(torch.full((n,), float(rho_init)))
-        if fixed_rho is not None:
-            self.rho_raw.requires_grad_(False)
-            self.register_buffer("fixed", torch.as_tensor(list(fixed_rho), dtype=torch.float32))
-        else:
-            self.fixed = None
+        self.rho_raw = _per_column_parameter(self, n, rho_init, fixed_rho)
 
     def rho(self) -> Tensor:
-        return self.fixed if self.fixed is not None else F.softplus(self.rho_raw) + self.rho_offset
+        return _softplus_or_fixed(self.rho_raw, self.fixed, self.rho_offset)
 
     def _ends(self, rho: Tensor) -> tuple[Tensor, Tensor]:
         return self.sigma_min ** (1 / rho), self.sigma_max ** (1 / rho)
@@ -68,15 +78,10 @@ class MaskingSchedule(nn.Module):
                  k_offset: float = 1.0, fixed_k: Optional[Sequence[float]] = None):
         super().__init__()
         self.eps_max, self.eps_min, self.k_offset = eps_max, eps_min, k_offset
-        self.k_raw = nn.Parameter(torch.full((m,), float(k_init)))
-        if fixed_k is not None:
-            self.k_raw.requires_grad_(False)
-            self.register_buffer("fixed", torch.as_tensor(list(fixed_k), dtype=torch.float32))
-        else:
-            self.fixed = None
+        self.k_raw = _per_column_parameter(self, m, k_init, fixed_k)
 
     def k(self) -> Tensor:
-        return self.fixed if self.fixed is not None else F.softplus(self.k_raw) + self.k_offset
+        return _softplus_or_fixed(self.k_raw, self.fixed, self.k_offset)
 
     def total_noise(self, t: Tensor) -> Tensor:
         """``sigma_j(t) = -log1p(-m_j(t))``, ``[..., m]`` at ``t [..., 1]``."""

@@ -97,6 +97,11 @@ def _logistic_detection(reference: pd.DataFrame, synthetic: pd.DataFrame, kinds:
 # Encodings
 # --------------------------------------------------------------------------------------------
 
+def _as_text(series: pd.Series) -> pd.Series:
+    """A categorical column as strings, NaN as its own level ``"<NaN>"``."""
+    return series.astype(object).where(series.notna(), "<NaN>").astype(str)
+
+
 def _one_hot(frames: Sequence[pd.DataFrame], kinds: dict, scale_numerical: bool) -> list[np.ndarray]:
     """[numerical (raw, or / training range) | one-hot categorical] with levels from all frames;
     numerical NaN -> the first frame's column mean, categorical NaN -> its own level."""
@@ -111,7 +116,7 @@ def _one_hot(frames: Sequence[pd.DataFrame], kinds: dict, scale_numerical: bool)
                 values = s.fillna(fill).to_numpy()
                 b.append((values / span if scale_numerical else values)[:, None])
         elif kind == "categorical":
-            as_text = [f[column].astype(object).where(f[column].notna(), "<NaN>").astype(str) for f in frames]
+            as_text = [_as_text(f[column]) for f in frames]
             levels = sorted(set().union(*[set(a.unique()) for a in as_text]))
             for b, a in zip(blocks, as_text):
                 b.append(pd.get_dummies(pd.Categorical(a, categories=levels)).to_numpy(dtype=float))
@@ -125,7 +130,7 @@ def _tree_features(frames: Sequence[pd.DataFrame], kinds: dict) -> list[pd.DataF
         if kind == "id":
             continue
         if kind == "categorical":
-            texts = [f[column].astype(object).where(f[column].notna(), "<NaN>").astype(str).to_numpy() for f in frames]
+            texts = [_as_text(f[column]).to_numpy() for f in frames]
             levels = sorted(set().union(*[set(t) for t in texts]))
             for o, t in zip(out, texts):
                 o[column] = pd.Categorical(t, categories=levels)
