@@ -50,7 +50,6 @@ Backends: ``reference`` (this file: float64 math, result in the input dtype; the
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

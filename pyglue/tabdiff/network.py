@@ -14,7 +14,7 @@ only) and a forecaster can skip the trunk.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

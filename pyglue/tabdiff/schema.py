@@ -171,16 +171,3 @@ def detect_schema(df: pd.DataFrame, overrides: Optional[Overrides] = None, max_c
             setattr(spec, key, value)
         specs.append(spec)
     return specs
-
-
-def check_columns(schema: list[ColumnSpec], df: pd.DataFrame, argument: str) -> None:
-    """``df`` has exactly the schema's columns (any order); the error names what differs."""
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{argument}: expected a pandas DataFrame, got {type(df).__name__}")
-    expected = [s.name for s in schema]
-    names = [str(c) for c in df.columns]
-    missing = [c for c in expected if c not in names]
-    extra = [c for c in names if c not in expected]
-    if missing or extra:
-        raise ValueError(f"{argument}: the columns differ from the fitted schema (missing {missing}, "
-                         f"unexpected {extra})")

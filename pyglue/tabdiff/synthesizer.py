@@ -24,9 +24,9 @@ from .. import __version__
 from .config import TabDiffConfig
 from .diffusion import TabDiffModel
 from .sampler import Guidance, Observed, sample_rows
-from .schema import ColumnSpec, Overrides, check_columns, detect_schema
+from .schema import ColumnSpec, Overrides, detect_schema
 from .training import Trainer
-from .transforms import MISSING_SUFFIX, TableTransform
+from .transforms import TableTransform
 
 ARTIFACT_FORMAT = "diffkern.tabdiff/1"
 MAX_SEED = 2 ** 63
