@@ -7,10 +7,17 @@ schedules, a stochastic sampler and classifier-free-guided imputation, behind a 
     fake = synth.sample(len(train), seed=0)
     filled = synth.impute(test.assign(income=None))
 
+Several processes: ``fit(train, nproc=4)``, ``sample(n, nproc=4, batch_size=n // 4)``, or
+``diffkern tabdiff fit train.csv -o m.tabdiff --nproc 4`` (the same as
+``torchrun --nproc_per_node=4 -m diffkern.tabdiff fit train.csv -o m.tabdiff``): DDP over gloo,
+the loss trajectory of one process to float rounding, the sampled table bit for bit
+(:mod:`~diffkern.tabdiff.distributed`).
+
 Layout: ``schema`` / ``transforms`` (pandas <-> tensors) -> ``diffusion`` (schedules, loss) and
 ``network`` (the denoiser) -> ``training`` (loop, EMA, checkpoints) and ``sampler`` (the loop
 around the ``tabdiff_*`` operators of :mod:`diffkern.ops.tabdiff`) -> ``synthesizer`` (the API);
-``evaluate``, ``datasets``, ``demo`` and ``cli`` around them.
+``distributed`` (process groups, DDP, sharding), ``evaluate``, ``datasets``, ``demo`` and ``cli``
+around them.
 
 Deviations from the official code (MinkaiXu/TabDiff), each deliberate:
 
@@ -30,7 +37,9 @@ Deviations from the official code (MinkaiXu/TabDiff), each deliberate:
   their resolution; official TabDiff leaves integers fractional and has no datetimes.
 * **No [CLS] token** in the tokenizer: the official builds one and drops it (identical outputs).
 * **Counter-based randomness.** The sampler draws from Philox keyed by (seed, step, row, column),
-  so a table depends on (model, seed, rows, steps) only, not on the batch size; the sampler tables
+  so a table depends on (model, seed, rows, steps) only, not on the batch size (up to float
+  rounding: the CPU kernels round a row differently in batches of different shapes; splitting
+  the rows among processes along the batches is bit-exact); the sampler tables
   (noise levels, masking rates per step) are computed in float64.
 * **Quantile transform** reimplemented (sklearn's algorithm, all rows, no subsampling): sklearn is
   not needed at run time and the fitted quantiles live in the artifact.

@@ -1,4 +1,8 @@
-"""``diffkern tabdiff fit|sample|impute|evaluate``: TabDiff on CSV files."""
+"""``diffkern tabdiff fit|sample|impute|evaluate``: TabDiff on CSV files.
+
+``fit``, ``sample`` and ``impute`` take ``--nproc N`` (N local processes, gloo) or run under
+``torchrun --nproc_per_node=N -m diffkern.tabdiff ...``; either way one model / one CSV is
+written, by rank 0."""
 
 from __future__ import annotations
 
@@ -56,6 +60,13 @@ def _condition_value(synth, column: str, text: str):
     return text          # the synthesizer names the column and its levels
 
 
+def _primary() -> bool:
+    """True where output is written: a single process, or rank 0 under torchrun."""
+    from .distributed import world
+
+    return world()[0] == 0
+
+
 def cmd_fit(args) -> int:
     from . import TabDiffConfig, TabDiffSynthesizer
 
@@ -63,9 +74,10 @@ def cmd_fit(args) -> int:
     config = TabDiffConfig(**_json_arg(args.config, "--config"))
     synth = TabDiffSynthesizer(config, schema=_json_arg(args.schema, "--schema"))
     synth.fit(frame, target=args.target, epochs=args.epochs, seed=args.seed,
-              checkpoint_dir=args.checkpoint_dir, resume=args.resume)
-    synth.save(args.output)
-    print(f"fitted {synth!r} in {synth.train_seconds:.0f} s; wrote {args.output}")
+              checkpoint_dir=args.checkpoint_dir, resume=args.resume, nproc=args.nproc)
+    if _primary():
+        synth.save(args.output)
+        print(f"fitted {synth!r} in {synth.train_seconds:.0f} s; wrote {args.output}")
     return 0
 
 
@@ -80,9 +92,10 @@ def cmd_sample(args) -> int:
             raise SystemExit(f"diffkern tabdiff: --condition: expected COLUMN=VALUE, got {item!r}")
         conditions[column] = _condition_value(synth, column, value)
     frame = synth.sample(args.num_rows, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
-                         conditions=conditions or None, guidance=args.guidance)
-    frame.to_csv(args.output, index=False)
-    print(f"wrote {len(frame)} rows to {args.output}")
+                         conditions=conditions or None, guidance=args.guidance, nproc=args.nproc)
+    if _primary():
+        frame.to_csv(args.output, index=False)
+        print(f"wrote {len(frame)} rows to {args.output}")
     return 0
 
 
@@ -92,9 +105,11 @@ def cmd_impute(args) -> int:
     synth = TabDiffSynthesizer.load(args.model)
     dates = ",".join(s.name for s in synth.schema if s.kind == "datetime")
     frame = _read_csv(args.data, dates)
-    filled = synth.impute(frame, seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance=args.guidance)
-    filled.to_csv(args.output, index=False)
-    print(f"filled {int(frame.isna().sum().sum())} cells; wrote {args.output}")
+    filled = synth.impute(frame, seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance=args.guidance,
+                          nproc=args.nproc)
+    if _primary():
+        filled.to_csv(args.output, index=False)
+        print(f"filled {int(frame.isna().sum().sum())} cells; wrote {args.output}")
     return 0
 
 
@@ -114,6 +129,27 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _add_nproc(parser, what: str) -> None:
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help=f"{what}; under torchrun leave it out (torchrun --nproc_per_node=N -m diffkern.tabdiff ...)")
+
+
+def _in_process_group(command):
+    """``command``, run inside the process group torchrun describes when launched by torchrun."""
+    def run(args) -> int:
+        from .distributed import init_from_environment
+
+        if not init_from_environment():
+            return command(args)
+        import torch.distributed
+
+        try:
+            return command(args)
+        finally:
+            torch.distributed.destroy_process_group()
+    return run
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("tabdiff", help="TabDiff on CSV files: fit, sample, impute, evaluate",
                        description="TabDiff on CSV files. Models are single .tabdiff (safetensors) files.")
@@ -130,7 +166,8 @@ def add_parser(sub) -> None:
     f.add_argument("--parse-dates", default="", help="comma-separated datetime columns")
     f.add_argument("--checkpoint-dir", default=None, help="periodic checkpoints (and one on Ctrl-C) go here")
     f.add_argument("--resume", default=None, help="continue from this checkpoint dir")
-    f.set_defaults(func=cmd_fit)
+    _add_nproc(f, "train with DDP on N local processes, each on a slice of every batch")
+    f.set_defaults(func=_in_process_group(cmd_fit))
 
     s = verbs.add_parser("sample", help="draw synthetic rows into a CSV")
     s.add_argument("model")
@@ -142,7 +179,8 @@ def add_parser(sub) -> None:
     s.add_argument("--guidance", type=float, default=None)
     s.add_argument("--condition", action="append", metavar="COLUMN=VALUE",
                    help="fix a column in every row (repeatable; VALUE NaN asks for a missing value)")
-    s.set_defaults(func=cmd_sample)
+    _add_nproc(s, "share whole batches of rows among N local processes (the same table)")
+    s.set_defaults(func=_in_process_group(cmd_sample))
 
     i = verbs.add_parser("impute", help="fill the empty cells of a CSV")
     i.add_argument("model")
@@ -152,7 +190,8 @@ def add_parser(sub) -> None:
     i.add_argument("--steps", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=None)
     i.add_argument("--guidance", type=float, default=None)
-    i.set_defaults(func=cmd_impute)
+    _add_nproc(i, "share whole batches of rows among N local processes (the same table)")
+    i.set_defaults(func=_in_process_group(cmd_impute))
 
     e = verbs.add_parser("evaluate", help="score a synthetic CSV against the real one(s)")
     e.add_argument("real", help="the training CSV")

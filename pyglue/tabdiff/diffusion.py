@@ -18,6 +18,7 @@ straight-through 2-way gumbel-softmax (tau = 0.01), so gradients reach ``k`` thr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -95,15 +96,17 @@ class MaskingSchedule(nn.Module):
 
 
 def soft_corrupt(x_cat: Tensor, move_chance: Tensor, num_classes: Sequence[int],
-                 generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+                 generator: Optional[torch.Generator], gumbel: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Mask each entry with probability ``move_chance [B, m]`` by a straight-through 2-way
     gumbel-softmax (tau = 0.01), so gradients reach the schedule. Returns ``(x_t [B, m] int64,
-    one-hot [B, L] float)`` with the sample's two values written into the (x_0, MASK) slots."""
+    one-hot [B, L] float)`` with the sample's two values written into the (x_0, MASK) slots.
+    ``gumbel [B, m, 2]`` (standard Gumbel draws) is drawn from ``generator`` when not given."""
     B, m = x_cat.shape
     if m == 0:                                          # an all-numerical table
         return x_cat, move_chance.new_zeros(B, 0)
     logp = torch.stack([torch.log1p(-move_chance), torch.log(move_chance)], dim=-1)      # [B, m, 2]
-    gumbel = -torch.empty_like(logp).exponential_(generator=generator).log()
+    if gumbel is None:
+        gumbel = -torch.empty_like(logp).exponential_(generator=generator).log()
     soft = torch.softmax((logp + gumbel) / 0.01, dim=-1)
     hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
     sample = hard - soft.detach() + soft                                                   # straight-through
@@ -127,6 +130,27 @@ def subs_log_prob(logits: Tensor, num_classes: Sequence[int], target: Tensor) ->
     return torch.cat(out, dim=-1) if out else logits.new_zeros(logits.shape[0], 0)
 
 
+@dataclasses.dataclass
+class TrainingNoise:
+    """The random draws of one training batch, one row per data row: ``t [B, 1]`` uniform,
+    ``eps [B, n]`` standard normal, ``gumbel [B, m, 2]`` standard Gumbel (None without categories).
+    Drawn once for a whole global batch, a process training on rows ``a..b`` of it takes
+    :meth:`rows`, so the draws of a row do not depend on how many processes share the batch."""
+    t: Tensor
+    eps: Tensor
+    gumbel: Optional[Tensor]
+
+    def rows(self, start: int, stop: int) -> "TrainingNoise":
+        return TrainingNoise(self.t[start:stop], self.eps[start:stop],
+                             None if self.gumbel is None else self.gumbel[start:stop])
+
+
+def _batch_mean(values: Tensor, total_rows: Optional[int]) -> Tensor:
+    """The mean over ``values [B, k]``, or with ``total_rows`` this shard's share of the mean over a
+    global batch of that many rows (the shares of all shards add up to the global mean)."""
+    return values.mean() if total_rows is None else values.sum() / (total_rows * values.shape[1])
+
+
 class TabDiffModel(nn.Module):
     """Denoiser + the two per-column schedules; ``loss`` is the official mixed loss."""
 
@@ -142,22 +166,39 @@ class TabDiffModel(nn.Module):
         self.cat_schedule = MaskingSchedule(len(self.num_classes), **{k: schedule[k] for k in cat_keys},
                                             fixed_k=fixed_k)
 
-    def loss(self, x_num: Tensor, x_cat: Tensor, generator: Optional[torch.Generator] = None):
-        """``(categorical loss, numerical loss)``, each a mean over the batch's entries."""
-        t = torch.rand(x_num.shape[0], 1, generator=generator, device=x_num.device)
+    def draw_noise(self, rows: int, generator: Optional[torch.Generator] = None,
+                   device: Optional[torch.device] = None) -> TrainingNoise:
+        """The random draws of a training batch of ``rows`` rows, in the order ``loss`` always drew them."""
+        t = torch.rand(rows, 1, generator=generator, device=device)
+        eps = torch.randn((rows, self.n_num), generator=generator, device=device)
+        gumbel = None
+        if self.num_classes:
+            gumbel = -torch.empty(rows, len(self.num_classes), 2, device=device).exponential_(generator=generator).log()
+        return TrainingNoise(t, eps, gumbel)
+
+    def loss(self, x_num: Tensor, x_cat: Tensor, generator: Optional[torch.Generator] = None,
+             noise: Optional[TrainingNoise] = None, total_rows: Optional[int] = None):
+        """``(categorical loss, numerical loss)``, each a mean over the batch's entries.
+
+        ``noise`` gives the batch's random draws (default: drawn from ``generator``). With
+        ``total_rows`` the batch is a shard of a global batch of that many rows and each loss is
+        this shard's share of the global mean (a shard may then be empty)."""
+        if noise is None:
+            noise = self.draw_noise(x_num.shape[0], generator, x_num.device)
+        t = noise.t
         sigma_num = self.num_schedule.total_noise(t)
         sigma_cat = self.cat_schedule.total_noise(t)
-        x_num_t = x_num + torch.randn(x_num.shape, generator=generator, device=x_num.device) * sigma_num
-        x_cat_t, onehot = soft_corrupt(x_cat, -torch.expm1(-sigma_cat), self.num_classes, generator)
+        x_num_t = x_num + noise.eps * sigma_num
+        x_cat_t, onehot = soft_corrupt(x_cat, -torch.expm1(-sigma_cat), self.num_classes, None, noise.gumbel)
         denoised, logits = self.network(x_num_t, onehot, t.squeeze(1), sigma_num)
         c_loss = d_loss = x_num.new_zeros(())
         if self.n_num:
             sd2 = self.network.sigma_data ** 2
             weight = (sigma_num ** 2 + sd2) / (sigma_num ** 2 * sd2)
-            c_loss = (weight * (denoised - x_num) ** 2).mean()
+            c_loss = _batch_mean(weight * (denoised - x_num) ** 2, total_rows)
         if self.num_classes:
             mask = torch.tensor(self.num_classes, device=x_cat.device)
             log_p = subs_log_prob(logits, self.num_classes, x_cat) * (x_cat_t == mask)
             elbo_weight = -self.cat_schedule.rate_noise(t) / torch.expm1(sigma_cat)
-            d_loss = (elbo_weight * log_p).mean()
+            d_loss = _batch_mean(elbo_weight * log_p, total_rows)
         return d_loss, c_loss

@@ -5,6 +5,7 @@
     rich = synth.sample(500, conditions={"income": ">50K"})           # fixed columns, no rejection
     filled = synth.impute(df_with_nans)                               # observed cells untouched
     synth.save("adult.tabdiff"); TabDiffSynthesizer.load("adult.tabdiff")
+    synth.fit(train_df, nproc=4); synth.sample(10_000, nproc=4, batch_size=2_500)   # DDP, sharded rows
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
+from . import distributed
 from .config import TabDiffConfig
 from .diffusion import TabDiffModel
 from .sampler import Guidance, Observed, sample_rows
@@ -70,6 +72,7 @@ class TabDiffSynthesizer:
         self.guidance_model: Optional[TabDiffModel] = None
         self.target: Optional[str] = None
         self.history: list[dict] = []
+        self.step_losses: list[dict] = []    # the main model's loss at every optimiser step of the last fit
         self.train_seconds: float = 0.0
 
     def __repr__(self) -> str:
@@ -105,13 +108,18 @@ class TabDiffSynthesizer:
                          "cannot be a guidance target")
 
     def fit(self, data: pd.DataFrame, target: Optional[str] = None, epochs: Optional[int] = None, seed: int = 0, *,
-            checkpoint_dir: Optional[str] = None, resume: Optional[str] = None, progress: bool = True) -> "TabDiffSynthesizer":
+            checkpoint_dir: Optional[str] = None, resume: Optional[str] = None, progress: bool = True,
+            nproc: Optional[int] = None) -> "TabDiffSynthesizer":
         """Learn the table. ``target`` also trains the unconditional model of that column that
         classifier-free guidance needs (``guidance > 0`` in :meth:`impute` / conditional sampling).
 
         ``checkpoint_dir`` gets a checkpoint every ``config.checkpoint_every`` epochs and on Ctrl-C;
         ``resume=`` (that directory) continues the run exactly where it stopped.
+        ``nproc=N`` trains with DDP on N local processes (gloo), each on a slice of every batch;
+        inside a torchrun process group ``fit`` does so on its own. Either way the run matches one
+        process to float rounding (:mod:`diffkern.tabdiff.distributed`).
         """
+        nproc = distributed.nproc_argument(nproc)
         seed = _seed("seed", seed)
         epochs = self.config.epochs if epochs is None else _positive("epochs", epochs)
         self.schema = detect_schema(data, self.overrides, self.config.max_categories)
@@ -122,13 +130,18 @@ class TabDiffSynthesizer:
         x_num, x_cat, _, _ = self.transform.encode(frame, fill_seed=seed)
         if x_num.shape[1] + x_cat.shape[1] == 0:
             raise ValueError("data: nothing to model: every column is constant or an id")
+        if nproc > 1 and not distributed.active():
+            fit_kwargs = dict(target=target, epochs=epochs, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+                              progress=progress)
+            self.__dict__.update(distributed.fit_in_processes(self, data, nproc, x_num.shape[0], fit_kwargs).__dict__)
+            return self
         self.target = target
         target_slot = self._target_column(target)
         started = time.perf_counter()
         self.model = self._run_training(
             self._new_model(x_num.shape[1], self.transform.num_classes, seed=seed), x_num, x_cat, seed, epochs,
             checkpoint_dir, resume, progress, "fitting TabDiff")
-        self.history = self._last_history
+        self.history, self.step_losses = self._last_history, self._last_step_losses
         self.guidance_model = None
         if target_slot is not None:
             self.guidance_model = self._fit_guidance(target_slot, x_num, x_cat, seed, checkpoint_dir, resume, progress)
@@ -144,9 +157,9 @@ class TabDiffSynthesizer:
             if state["metadata"].get("fingerprint") != metadata["fingerprint"] or state["epochs"] != epochs:
                 raise ValueError(f"resume: the checkpoint in {resume!r} was written for another table or epoch count "
                                  f"({state['epochs']} epochs); pass the same data, epochs and config")
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(state, resume)
         trainer.run()
-        self._last_history = trainer.history
+        self._last_history, self._last_step_losses = trainer.history, trainer.step_losses
         return trainer.ema.eval()
 
     def _fit_guidance(self, target_slot, x_num, x_cat, seed, checkpoint_dir, resume, progress):
@@ -190,24 +203,42 @@ class TabDiffSynthesizer:
         return Guidance(self.guidance_model, guidance, index, kind)
 
     def _run_sampler(self, num_rows, seed, batch_size, steps, observed=None, guidance=None, banned=(),
-                     progress=True, desc="sampling"):
+                     progress=True, desc="sampling", nproc=None):
         cfg = self.config
         seed = _seed("seed", seed)
         batch_size = cfg.sample_batch_size if batch_size is None else _positive("batch_size", batch_size)
         steps = cfg.steps if steps is None else _positive("steps", steps)
         if steps < 2:
             raise ValueError(f"steps: expected >= 2, got {steps}")
-        return sample_rows(self.model, num_rows, seed=seed, batch_size=batch_size, steps=steps,
-                           stochastic=cfg.stochastic, heun=cfg.heun, churn=cfg.churn, observed=observed,
-                           guidance=guidance, banned_logits=banned, progress=progress, desc=desc)
+        nproc = distributed.nproc_argument(nproc)
+        if nproc > 1 and not distributed.active():
+            kwargs = dict(num_rows=num_rows, seed=seed, batch_size=batch_size, steps=steps, observed=observed,
+                          guidance=guidance, banned=banned, progress=progress, desc=desc)
+            return distributed.sample_in_processes(self, nproc, num_rows, batch_size, kwargs)
+        # in a process group each process samples its run of whole batches; all get the whole table
+        rank, size = distributed.world()
+        start, stop = distributed.batch_aligned_range(num_rows, batch_size, rank, size)
+        x_num, x_cat = torch.zeros(0, self.model.n_num), torch.zeros(0, len(self.model.num_classes), dtype=torch.int64)
+        if stop > start:
+            x_num, x_cat = sample_rows(
+                self.model, stop - start, seed=seed, batch_size=batch_size, steps=steps, stochastic=cfg.stochastic,
+                heun=cfg.heun, churn=cfg.churn, row_start=start, guidance=guidance, banned_logits=banned,
+                observed=None if observed is None else observed.rows(start, stop), progress=progress and rank == 0,
+                desc=desc)
+        return distributed.all_gather_rows(x_num, x_cat)
 
     def _decode(self, x_num, x_cat) -> pd.DataFrame:
         return self.transform.decode(x_num, x_cat, clip=self.config.clip, round_integers=self.config.round_integers)
 
     def sample(self, num_rows: int, *, seed: int = 0, batch_size: Optional[int] = None, steps: Optional[int] = None,
                conditions: Optional[Mapping[str, Any]] = None, guidance: Optional[float] = None,
-               progress: bool = True) -> pd.DataFrame:
+               progress: bool = True, nproc: Optional[int] = None) -> pd.DataFrame:
         """``num_rows`` synthetic rows. The table depends only on (model, seed, num_rows, steps).
+
+        ``nproc=N`` shares whole batches of rows among N local processes (the same table, bit for
+        bit); inside a torchrun process group each process samples its share and every process
+        returns the whole table. Numerically the table is batch-size invariant to float rounding
+        only: CPU kernels round differently for different batch shapes.
 
         ``conditions={column: value}`` fixes columns in every row (``None`` asks for a missing
         value where the column had them); the rest is sampled jointly, with no rejection.
@@ -217,8 +248,9 @@ class TabDiffSynthesizer:
         num_rows = _positive("num_rows", num_rows)
         if conditions:
             known, missing = self._conditions_frame(conditions, num_rows)
-            return self._impute(known, seed, batch_size, steps, guidance, progress, "conditional sampling", missing)
-        x_num, x_cat = self._run_sampler(num_rows, seed, batch_size, steps, progress=progress)
+            return self._impute(known, seed, batch_size, steps, guidance, progress, "conditional sampling", missing,
+                                nproc)
+        x_num, x_cat = self._run_sampler(num_rows, seed, batch_size, steps, progress=progress, nproc=nproc)
         return self._decode(x_num, x_cat)
 
     def _conditions_frame(self, conditions: Mapping[str, Any], num_rows: int) -> tuple[pd.DataFrame, list[str]]:
@@ -251,13 +283,16 @@ class TabDiffSynthesizer:
         return frame, missing
 
     def impute(self, data: pd.DataFrame, *, seed: int = 0, batch_size: Optional[int] = None,
-               steps: Optional[int] = None, guidance: Optional[float] = None, progress: bool = True) -> pd.DataFrame:
+               steps: Optional[int] = None, guidance: Optional[float] = None, progress: bool = True,
+               nproc: Optional[int] = None) -> pd.DataFrame:
         """Fill the NaN cells of ``data`` (any subset of columns; absent columns are filled entirely)
         by RePaint-style conditional sampling; observed cells are returned unchanged. Filled
-        cells never take the missing value. The target column is guided by ``guidance``."""
-        return self._impute(data, seed, batch_size, steps, guidance, progress, "imputing", [])
+        cells never take the missing value. The target column is guided by ``guidance``.
+        ``nproc`` shares the rows among processes as in :meth:`sample`."""
+        return self._impute(data, seed, batch_size, steps, guidance, progress, "imputing", [], nproc)
 
-    def _impute(self, data, seed, batch_size, steps, guidance, progress, desc, condition_missing) -> pd.DataFrame:
+    def _impute(self, data, seed, batch_size, steps, guidance, progress, desc, condition_missing,
+                nproc=None) -> pd.DataFrame:
         self._require_fitted()
         if not isinstance(data, pd.DataFrame):
             raise TypeError(f"data: expected a pandas DataFrame, got {type(data).__name__}")
@@ -278,7 +313,7 @@ class TabDiffSynthesizer:
                             num_missing=num_nan, cat_missing=cat_nan)
         sampled_target = self._target_sampled(num_nan, cat_nan)
         z_num, z_cat = self._run_sampler(len(full), seed, batch_size, steps, observed,
-                                         self._guidance(guidance, sampled_target), banned, progress, desc)
+                                         self._guidance(guidance, sampled_target), banned, progress, desc, nproc)
         filled = self._decode(z_num, z_cat)
         return self._merge(frame, filled, data)
 

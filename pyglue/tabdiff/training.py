@@ -7,6 +7,12 @@ optimiser, the LR scheduler, the generator state and the position *inside* the e
 permutation, the next batch, the running loss sums); Ctrl-C is deferred to the next batch
 boundary, writes a checkpoint there and then raises. Resuming from any checkpoint therefore
 continues exactly the uninterrupted run.
+
+Inside a process group (torchrun, or ``nproc=``) the network is wrapped in DDP and every process
+trains on a contiguous slice of each global batch; the randomness of the whole batch is drawn on
+every process from the shared generator, so the run matches one process to float rounding (see
+:mod:`diffkern.tabdiff.distributed`). Only rank 0 writes checkpoints; a checkpoint records its
+world size and resumes only under that size.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import distributed
 from .config import TabDiffConfig
 from .diffusion import TabDiffModel
 
@@ -93,6 +100,12 @@ class Trainer:
         self.cursor = EpochCursor()
         self.ema_updates = 0
         self.history: list[dict] = []
+        self.step_losses: list[dict] = []     # per optimiser step of this run (not checkpointed)
+        self.rank, self.world_size = distributed.world()
+        if self.world_size > 1:
+            distributed.check_batch_rows(self.world_size, x_num.shape[0], config.batch_size)
+            self.progress = progress and self.rank == 0
+        self.loss_module = distributed.training_loss(model)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -101,9 +114,11 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "generator": self.generator.get_state(), "cursor": dataclasses.asdict(self.cursor),
                 "history": self.history, "epochs": self.epochs, "metadata": self.metadata,
-                "ema_updates": self.ema_updates}
+                "ema_updates": self.ema_updates, "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
+        # checkpoints written before distributed training have no world size: one process
+        distributed.check_checkpoint_world_size(int(state.get("world_size", 1)), self.world_size, where)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -115,8 +130,8 @@ class Trainer:
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
         path = path or (os.path.join(self.checkpoint_dir, CHECKPOINT_NAME) if self.checkpoint_dir else None)
-        if path is None:
-            return None
+        if path is None or self.rank != 0:      # every process holds the same state: rank 0 writes it
+            return path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
         torch.save(self.state_dict(), tmp)
@@ -141,16 +156,27 @@ class Trainer:
         return 1.0 - epoch / self.epochs if self.config.closs_weight == "anneal" else 1.0
 
     def _run_batch(self, idx: Tensor, closs_weight: float) -> None:
+        """One optimiser step on the global batch ``idx``; this process trains on its slice of it."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        d_loss, c_loss = self.model.loss(self.x_num[idx], self.x_cat[idx], generator=self.generator)
-        (d_loss + closs_weight * c_loss).backward()
+        noise = self.model.draw_noise(len(idx), self.generator)     # the whole global batch's draws
+        start, stop = distributed.contiguous_slice(len(idx), self.rank, self.world_size)
+        rows = idx[start:stop]
+        sharded = self.world_size > 1
+        d_loss, c_loss = self.loss_module(self.x_num[rows], self.x_cat[rows], noise.rows(start, stop),
+                                          len(idx) if sharded else None)
+        loss = d_loss + closs_weight * c_loss
+        # DDP averages the shards' gradients; each loss is its shard's share of the global mean
+        (loss * self.world_size if sharded else loss).backward()
         self.optimizer.step()
         if self.config.ema_every == "step":
             self._update_ema()
+        d, c = distributed.all_reduce_sum(d_loss.item(), c_loss.item())    # the global batch's losses
+        self.step_losses.append({"epoch": self.cursor.epoch + 1, "batch": self.cursor.next_batch,
+                                 "loss_cat": d, "loss_num": c})
         cur = self.cursor
-        cur.d_sum += d_loss.item() * len(idx)
-        cur.c_sum += c_loss.item() * len(idx)
+        cur.d_sum += d * len(idx)
+        cur.c_sum += c * len(idx)
         cur.count += len(idx)
         cur.next_batch += 1
 
@@ -184,8 +210,9 @@ class Trainer:
                     batches = cur.perm.split(bs)
                     for idx in batches[cur.next_batch:]:
                         self._run_batch(idx, self._closs_weight(cur.epoch))
-                        if sigint["hit"]:
+                        if distributed.any_process(sigint["hit"]):   # all processes stop at the same batch
                             where = self.save_checkpoint()
+                            distributed.barrier()                     # rank 0 has written it
                             raise KeyboardInterrupt(f"training interrupted at epoch {cur.epoch + 1}; "
                                                     + (f"checkpoint written to {where} (resume= it)" if where
                                                        else "no checkpoint_dir was given, nothing saved"))
