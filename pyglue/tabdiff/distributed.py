@@ -31,6 +31,7 @@ initialise ``"cpu:gloo,cuda:nccl"``; plain NCCL cannot reduce CPU tensors and is
 
 from __future__ import annotations
 
+import numbers
 import os
 import pickle
 import tempfile
@@ -251,8 +252,9 @@ def nproc_argument(nproc: Optional[int]) -> int:
     """The validated ``nproc`` (None: 1); under torchrun it must equal the world size."""
     if nproc is None:
         return world()[1]
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+    if isinstance(nproc, bool) or not isinstance(nproc, numbers.Integral) or nproc < 1:
         raise ValueError(f"nproc: expected an int >= 1, got {nproc!r}")
+    nproc = int(nproc)
     if active() and nproc != world()[1]:
         raise ValueError(f"nproc: {nproc} asked inside a process group of {world()[1]} processes (torchrun); "
                          "leave nproc unset there")
