@@ -5,7 +5,7 @@ picks the cache of a config from those declarations."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,8 +22,9 @@ class FORACache(FeatureCache):
     name = "fora"
     config_type = FORAConfig
 
-    def __init__(self, config: FORAConfig, num_steps: int) -> None:
-        super().__init__(config, num_steps)
+    def __init__(self, config: FORAConfig, num_steps: int,
+                 time_range: Optional[Tuple[float, float]] = None) -> None:
+        super().__init__(config, num_steps, time_range)
         self._last: Dict[int, Tensor] = {}
 
     def reset(self) -> None:
@@ -32,7 +33,7 @@ class FORACache(FeatureCache):
     def recorded(self, group: int) -> int:
         return int(group in self._last)
 
-    def record(self, group: int, step: int, feat: Tensor) -> None:
+    def record(self, group: int, step: int, feat: Tensor, time: Optional[float] = None) -> None:
         last = self._last.get(group)
         if last is None:
             self._last[group] = feat.detach().clone()
@@ -40,7 +41,7 @@ class FORACache(FeatureCache):
             self._check_shape("feature", (tuple(last.shape), last.dtype, last.device), feat)
             last.copy_(feat.detach())
 
-    def predict(self, group: int, step: int) -> Tensor:
+    def predict(self, group: int, step: int, time: Optional[float] = None) -> Tensor:
         return self._last[group]
 
 
@@ -51,19 +52,24 @@ class TaylorSeerCache(FeatureCache):
     ``D_{i+1} = (D_i - D_i_old) / d`` for i < order while the old factor exists; as in the
     official ``derivative_approximation`` the differences are only refreshed for
     ``step > warmup_steps - 2`` (``first_enhance - 2``). Prediction at ``s + x``:
-    ``sum_i D_i x^i / i!`` over the factors present (official ``taylor_formula``)."""
+    ``sum_i D_i x^i / i!`` over the factors present (official ``taylor_formula``).
+
+    With a caller's time axis (``time=``), d and x are measured on it instead of in steps; a
+    record at the same time as the previous one (possible there, e.g. a Heun call at the next
+    step's level) refreshes D_0 and keeps the differences (a zero gap has no slope)."""
 
     name = "taylorseer"
     config_type = TaylorSeerConfig
 
-    def __init__(self, config: TaylorSeerConfig, num_steps: int) -> None:
-        super().__init__(config, num_steps)
+    def __init__(self, config: TaylorSeerConfig, num_steps: int,
+                 time_range: Optional[Tuple[float, float]] = None) -> None:
+        super().__init__(config, num_steps, time_range)
         self._factors: Dict[int, List[Tensor]] = {}
-        self._last_step: Dict[int, int] = {}
+        self._last_at: Dict[int, float] = {}
 
     def reset(self) -> None:
         self._factors.clear()
-        self._last_step.clear()
+        self._last_at.clear()
 
     def recorded(self, group: int) -> int:
         return len(self._factors.get(group, ()))
@@ -73,25 +79,28 @@ class TaylorSeerCache(FeatureCache):
         real step), as the official code does."""
         return self.recorded(group) >= 1
 
-    def record(self, group: int, step: int, feat: Tensor) -> None:
+    def record(self, group: int, step: int, feat: Tensor, time: Optional[float] = None) -> None:
         old = self._factors.get(group, [])
         if old:
             self._check_shape("feature", (tuple(old[0].shape), old[0].dtype, old[0].device), feat)
         new = [feat.detach().clone()]
-        prev = self._last_step.get(group)
-        if prev is not None and step > self.config.warmup_steps - 2:
-            d = float(step - prev)
+        at = self._position(step, time)
+        prev = self._last_at.get(group)
+        if prev is not None and at == prev:
+            new.extend(old[1:])
+        elif prev is not None and step > self.config.warmup_steps - 2:
+            d = at - prev
             for i in range(self.config.order):
                 if i >= len(old):
                     break
                 acc = torch.promote_types(feat.dtype, torch.float32)
                 new.append((new[i].to(acc) - old[i].to(acc)).div_(d).to(feat.dtype))
         self._factors[group] = new
-        self._last_step[group] = step
+        self._last_at[group] = at
 
-    def predict(self, group: int, step: int) -> Tensor:
+    def predict(self, group: int, step: int, time: Optional[float] = None) -> Tensor:
         factors = self._factors[group]
-        x = float(step - self._last_step[group])
+        x = self._position(step, time) - self._last_at[group]
         acc = torch.promote_types(factors[0].dtype, torch.float32)
         out = factors[0].to(acc)
         for i in range(1, len(factors)):

@@ -10,7 +10,9 @@ schedules, a stochastic sampler and classifier-free-guided imputation, behind a 
 Layout: ``schema`` / ``transforms`` (pandas <-> tensors) -> ``diffusion`` (schedules, loss) and
 ``network`` (the denoiser) -> ``training`` (loop, EMA, checkpoints) and ``sampler`` (the loop
 around the ``tabdiff_*`` operators of :mod:`diffkern.ops.tabdiff`) -> ``synthesizer`` (the API);
-``evaluate``, ``datasets``, ``demo`` and ``cli`` around them.
+``evaluate``, ``datasets``, ``demo`` and ``cli`` around them. ``forecasting``: ``sample(...,
+forecast=SpectrumConfig())`` skips the denoiser's trunk on forecast steps (Spectrum, TaylorSeer,
+FORA from :mod:`diffkern.forecast`).
 
 Deviations from the official code (MinkaiXu/TabDiff), each deliberate:
 

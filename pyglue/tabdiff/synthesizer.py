@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from .config import TabDiffConfig
 from .diffusion import TabDiffModel
+from .forecasting import ForecastConfig
 from .sampler import Guidance, Observed, sample_rows
 from .schema import ColumnSpec, Overrides, detect_schema
 from .training import Trainer
@@ -190,7 +191,7 @@ class TabDiffSynthesizer:
         return Guidance(self.guidance_model, guidance, index, kind)
 
     def _run_sampler(self, num_rows, seed, batch_size, steps, observed=None, guidance=None, banned=(),
-                     progress=True, desc="sampling"):
+                     progress=True, desc="sampling", forecast=None):
         cfg = self.config
         seed = _seed("seed", seed)
         batch_size = cfg.sample_batch_size if batch_size is None else _positive("batch_size", batch_size)
@@ -199,26 +200,30 @@ class TabDiffSynthesizer:
             raise ValueError(f"steps: expected >= 2, got {steps}")
         return sample_rows(self.model, num_rows, seed=seed, batch_size=batch_size, steps=steps,
                            stochastic=cfg.stochastic, heun=cfg.heun, churn=cfg.churn, observed=observed,
-                           guidance=guidance, banned_logits=banned, progress=progress, desc=desc)
+                           guidance=guidance, banned_logits=banned, progress=progress, desc=desc,
+                           forecast=forecast)
 
     def _decode(self, x_num, x_cat) -> pd.DataFrame:
         return self.transform.decode(x_num, x_cat, clip=self.config.clip, round_integers=self.config.round_integers)
 
     def sample(self, num_rows: int, *, seed: int = 0, batch_size: Optional[int] = None, steps: Optional[int] = None,
                conditions: Optional[Mapping[str, Any]] = None, guidance: Optional[float] = None,
-               progress: bool = True) -> pd.DataFrame:
-        """``num_rows`` synthetic rows. The table depends only on (model, seed, num_rows, steps).
+               progress: bool = True, forecast: Optional[ForecastConfig] = None) -> pd.DataFrame:
+        """``num_rows`` synthetic rows. The table depends only on (model, seed, num_rows, steps, forecast).
 
         ``conditions={column: value}`` fixes columns in every row (``None`` asks for a missing
         value where the column had them); the rest is sampled jointly, with no rejection.
         ``guidance`` weights classifier-free guidance of the target column (default 0.6 when a
-        guidance model was trained, else 0)."""
+        guidance model was trained, else 0). ``forecast``: a ``SpectrumConfig``, ``TaylorSeerConfig``
+        or ``FORAConfig`` (from ``diffkern.forecast``) whose ``num_steps`` equals ``steps``: its
+        forecast steps skip the denoiser's trunk (see ``diffkern.tabdiff.forecasting``)."""
         self._require_fitted()
         num_rows = _positive("num_rows", num_rows)
         if conditions:
             known, missing = self._conditions_frame(conditions, num_rows)
-            return self._impute(known, seed, batch_size, steps, guidance, progress, "conditional sampling", missing)
-        x_num, x_cat = self._run_sampler(num_rows, seed, batch_size, steps, progress=progress)
+            return self._impute(known, seed, batch_size, steps, guidance, progress, "conditional sampling", missing,
+                                forecast)
+        x_num, x_cat = self._run_sampler(num_rows, seed, batch_size, steps, progress=progress, forecast=forecast)
         return self._decode(x_num, x_cat)
 
     def _conditions_frame(self, conditions: Mapping[str, Any], num_rows: int) -> tuple[pd.DataFrame, list[str]]:
@@ -251,13 +256,16 @@ class TabDiffSynthesizer:
         return frame, missing
 
     def impute(self, data: pd.DataFrame, *, seed: int = 0, batch_size: Optional[int] = None,
-               steps: Optional[int] = None, guidance: Optional[float] = None, progress: bool = True) -> pd.DataFrame:
+               steps: Optional[int] = None, guidance: Optional[float] = None, progress: bool = True,
+               forecast: Optional[ForecastConfig] = None) -> pd.DataFrame:
         """Fill the NaN cells of ``data`` (any subset of columns; absent columns are filled entirely)
         by RePaint-style conditional sampling; observed cells are returned unchanged. Filled
-        cells never take the missing value. The target column is guided by ``guidance``."""
-        return self._impute(data, seed, batch_size, steps, guidance, progress, "imputing", [])
+        cells never take the missing value. The target column is guided by ``guidance`` (its
+        unconditional model always runs real); ``forecast`` as in :meth:`sample`."""
+        return self._impute(data, seed, batch_size, steps, guidance, progress, "imputing", [], forecast)
 
-    def _impute(self, data, seed, batch_size, steps, guidance, progress, desc, condition_missing) -> pd.DataFrame:
+    def _impute(self, data, seed, batch_size, steps, guidance, progress, desc, condition_missing,
+                forecast=None) -> pd.DataFrame:
         self._require_fitted()
         if not isinstance(data, pd.DataFrame):
             raise TypeError(f"data: expected a pandas DataFrame, got {type(data).__name__}")
@@ -278,7 +286,8 @@ class TabDiffSynthesizer:
                             num_missing=num_nan, cat_missing=cat_nan)
         sampled_target = self._target_sampled(num_nan, cat_nan)
         z_num, z_cat = self._run_sampler(len(full), seed, batch_size, steps, observed,
-                                         self._guidance(guidance, sampled_target), banned, progress, desc)
+                                         self._guidance(guidance, sampled_target), banned, progress, desc,
+                                         forecast)
         filled = self._decode(z_num, z_cat)
         return self._merge(frame, filled, data)
 
