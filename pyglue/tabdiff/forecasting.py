@@ -24,9 +24,12 @@ Choices (and why):
 * **Steps and Heun**: the config's schedule (``num_steps`` must equal ``steps``) is over sampler
   steps, counted in sampling order (step 0 = the noisiest, i = T-1). A real step runs the trunk
   for both of its calls (the Euler call and, when there is one, the Heun call) and records both
-  features at their c_noise; a forecast step forecasts both. A forecast step whose cache is not
-  yet ready (too little history) runs for real. NFE is the number of real trunk evaluations
-  per row: :func:`trunk_evaluations`; the plain sampler has ``2 * steps - 1`` with Heun.
+  features at their c_noise; a forecast step forecasts both. The two kinds of call keep separate
+  histories (stream groups, as Spectrum keeps one per CFG branch): the Heun call reads the
+  step's categories *before* they are unmasked, so the two kinds lie on different input
+  sequences and one history through both would zigzag. A forecast step whose cache is not yet
+  ready (too little history) runs for real. NFE is the number of real trunk evaluations per
+  row: :func:`trunk_evaluations`; the plain sampler has ``2 * steps - 1`` with Heun.
 * **Guidance**: the unconditional model of classifier-free guidance (impute) always runs real;
   it is a separate, small network and forecasting it would need its own history.
 """
@@ -34,7 +37,7 @@ Choices (and why):
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -46,7 +49,7 @@ __all__ = ["ForecastConfig", "check_forecast", "TrunkForecast", "trunk_evaluatio
 
 ForecastConfig = Union[SpectrumConfig, TaylorSeerConfig, FORAConfig]
 _CONFIGS = (SpectrumConfig, TaylorSeerConfig, FORAConfig)
-_GROUP = 0                                    # one stream group: the main model's trunk
+EULER, HEUN = 0, 1                            # stream groups: a step's first call, its Heun call
 C_NOISE_RANGE = (float(c_noise(torch.tensor(0.0, dtype=torch.float64))),
                  float(c_noise(torch.tensor(1.0, dtype=torch.float64))))
 
@@ -77,7 +80,8 @@ class TrunkForecast:
 
     ``shadow=True`` (diagnostics): every forecast call also runs the trunk, without using it,
     and appends ``(step, forecast error, step-to-step change, feature norm)`` (Frobenius
-    norms over the batch) to ``errors``; the change is from the previous Euler call's feature.
+    norms over the batch) to ``errors``; the change is from the true feature of the same kind of
+    call (Euler or Heun) one step earlier.
     """
 
     def __init__(self, config: ForecastConfig, steps: int, shadow: bool = False) -> None:
@@ -89,34 +93,34 @@ class TrunkForecast:
         self.forecast_calls = 0
         self.shadow = shadow
         self.errors: List[tuple] = []
-        self._last_euler: Optional[Tensor] = None     # true feature of the previous Euler call (shadow)
+        self._last_true: Dict[int, Tensor] = {}       # group -> true feature of its previous call (shadow)
 
-    def runs_trunk(self, step: int) -> bool:
-        return step in self.cache.real_set or not self.cache.ready(_GROUP)
+    def runs_trunk(self, step: int, euler: bool = True) -> bool:
+        return step in self.cache.real_set or not self.cache.ready(EULER if euler else HEUN)
 
     def hidden(self, net: Denoiser, x_num: Tensor, x_cat: Tensor, sigma: Tensor, time_emb: Tensor,
                t: float, step: int, euler: bool) -> Tensor:
         """The decoder's input for this call: the trunk's output on a real step (recorded), the
         cache's forecast at c_noise(t) otherwise. ``euler``: the step's first call (not Heun)."""
-        time = _time(t)
-        if self.runs_trunk(step):
+        time, group = _time(t), EULER if euler else HEUN
+        if self.runs_trunk(step, euler):
             hidden = net.hidden(x_num, x_cat, sigma, time_emb)
-            self.cache.record(_GROUP, step, hidden, time=time)
+            self.cache.record(group, step, hidden, time=time)
             self.trunk_calls += 1
-            if self.shadow and euler:
-                self._last_euler = hidden
+            if self.shadow:
+                self._last_true[group] = hidden
             return hidden
-        forecast = self.cache.predict(_GROUP, step, time=time)
+        forecast = self.cache.predict(group, step, time=time)
         self.forecast_calls += 1
         if self.shadow:
-            self._measure(step, forecast, net.hidden(x_num, x_cat, sigma, time_emb), euler)
+            self._measure(group, step, forecast, net.hidden(x_num, x_cat, sigma, time_emb))
         return forecast
 
-    def _measure(self, step: int, forecast: Tensor, true: Tensor, euler: bool) -> None:
-        change = math.nan if self._last_euler is None else float((true - self._last_euler).norm())
+    def _measure(self, group: int, step: int, forecast: Tensor, true: Tensor) -> None:
+        last = self._last_true.get(group)
+        change = math.nan if last is None else float((true - last).norm())
         self.errors.append((step, float((forecast - true).norm()), change, float(true.norm())))
-        if euler:
-            self._last_euler = true
+        self._last_true[group] = true
 
 
 def trunk_evaluations(forecast: Optional[ForecastConfig], steps: int, heun_calls: bool = True) -> int:
@@ -129,10 +133,10 @@ def trunk_evaluations(forecast: Optional[ForecastConfig], steps: int, heun_calls
     dummy = torch.zeros(1, 1)
     count = 0
     for step in range(steps):
-        calls = 2 if heun_calls and step < steps - 1 else 1
-        for _ in range(calls):
-            if state.runs_trunk(step):
+        groups = (EULER, HEUN) if heun_calls and step < steps - 1 else (EULER,)
+        for group in groups:
+            if state.runs_trunk(step, group == EULER):
                 # distinct dummy times, as the sampler's calls are (they only matter to be distinct)
-                state.cache.record(_GROUP, step, dummy, time=float(count))
+                state.cache.record(group, step, dummy, time=float(count))
                 count += 1
     return count
