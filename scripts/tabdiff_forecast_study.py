@@ -44,12 +44,12 @@ FORECASTERS = {
 }
 
 
-def plan() -> list:
+def plan(extra_plain_steps=()) -> list:
     """(name, steps, forecast config or None) in run order."""
     rows = [("plain", STEPS, None)]
     rows += [(name, STEPS, cfg) for name, cfg in FORECASTERS.items()]
     baseline_steps = sorted({(trunk_evaluations(cfg, STEPS) + 1) // 2 for cfg in FORECASTERS.values()})
-    rows += [("plain", steps, None) for steps in baseline_steps]
+    rows += [("plain", steps, None) for steps in sorted(set(baseline_steps) | set(extra_plain_steps))]
     return rows
 
 
@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diag-rows", type=int, default=2_000)
     parser.add_argument("--out", default="tabdiff-forecast-study.json")
+    parser.add_argument("--extra-plain-steps", type=int, nargs="*", default=[],
+                        help="more plain-sampler rows, e.g. the step count of equal wall time")
     args = parser.parse_args()
     torch.set_num_threads(1)
     _single_thread_xgboost()
@@ -173,7 +175,7 @@ def main() -> None:
     train, test = datasets.load_adult()
     reference = test.sample(n=min(args.rows, len(test)), random_state=args.seed).reset_index(drop=True)
 
-    todo = plan()
+    todo = plan(args.extra_plain_steps)
     for n, (name, steps, cfg) in enumerate(todo, 1):
         key = _key(name, steps)
         if key in results["rows"]:
