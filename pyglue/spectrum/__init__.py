@@ -6,13 +6,13 @@
     spectrum.disable(pipe)
 
 Baselines in the same framework: ``FORAConfig``, ``TaylorSeerConfig`` (pass them to ``enable``).
+The caches, configs and schedules live in :mod:`diffkern.forecast` (shared with TabDiff) and are
+re-exported here.
 """
 
-from .baselines import FORACache, TaylorSeerCache
-from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
-from .forecaster import FeatureCache, SpectrumForecaster, make_cache
+from ..forecast import (FeatureCache, FORACache, FORAConfig, SpectrumConfig, SpectrumForecaster,
+                        TaylorSeerCache, TaylorSeerConfig, fixed_interval_steps, make_cache, real_steps)
 from .hooks import BlockAdapter, SpectrumState, disable, enable, reset, state
-from .schedule import fixed_interval_steps, real_steps
 
 __all__ = [
     "SpectrumConfig", "FORAConfig", "TaylorSeerConfig", "real_steps", "fixed_interval_steps",

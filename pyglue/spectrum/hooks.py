@@ -25,9 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import baselines  # noqa: F401  (registers the FORA and TaylorSeer caches)
-from .forecaster import make_cache
-from .config import FORAConfig, SpectrumConfig, TaylorSeerConfig
+from ..forecast import FORAConfig, SpectrumConfig, TaylorSeerConfig, make_cache
 
 __all__ = ["enable", "disable", "reset", "state", "SpectrumState", "BlockAdapter"]
 

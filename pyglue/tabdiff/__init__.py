@@ -17,7 +17,8 @@ Layout: ``schema`` / ``transforms`` (pandas <-> tensors) -> ``diffusion`` (sched
 ``network`` (the denoiser) -> ``training`` (loop, EMA, checkpoints) and ``sampler`` (the loop
 around the ``tabdiff_*`` operators of :mod:`diffkern.ops.tabdiff`) -> ``synthesizer`` (the API);
 ``distributed`` (process groups, DDP, sharding), ``evaluate``, ``datasets``, ``demo`` and ``cli``
-around them.
+around them. ``forecasting``: ``sample(..., forecast=SpectrumConfig())`` skips the denoiser's trunk
+on forecast steps (Spectrum, TaylorSeer, FORA from :mod:`diffkern.forecast`).
 
 Deviations from the official code (MinkaiXu/TabDiff), each deliberate:
 

@@ -29,6 +29,11 @@ def edm_sigma(t: Tensor) -> Tensor:
     return (lo + t * (hi - lo)).pow(EDM_RHO)
 
 
+def c_noise(t: Tensor) -> Tensor:
+    """The network's noise-level input ``log(sigma_ref(t)) / 4`` at t in [0, 1]."""
+    return torch.log(edm_sigma(t)) / 4
+
+
 class Tokenizer(nn.Module):
     """Numerical token ``w_i x_i + b_i``; categorical token ``onehot(x_j) @ E_j + b_j``.
 
@@ -171,7 +176,7 @@ class Denoiser(nn.Module):
 
     def time_emb(self, t: Tensor) -> Tensor:
         """``[len(t), dim_t]`` time embedding of rows at times t (one row of t: the whole batch)."""
-        return self.time_embedding(torch.log(edm_sigma(t.float())) / 4)
+        return self.time_embedding(c_noise(t.float()))
 
     def hidden(self, x_num: Tensor, x_cat: Tensor, sigma: Tensor, time_emb: Tensor) -> Tensor:
         """The trunk's output tokens ``[B, n_tokens, d]`` (what the decoder reads)."""

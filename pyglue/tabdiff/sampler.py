@@ -12,13 +12,16 @@ The loop of one batch, per step i = T-1 .. 0 (official ``UnifiedCtimeDiffusion.e
     step       Euler update; unmask masked categories                         tabdiff_step
     heun       second network call at (x_next, x_cat_hat, t_{i-1})           tabdiff_heun   (i > 0)
     observe    observed cells re-drawn at s_next and merged                  tabdiff_observe (imputation)
+
+With ``forecast=`` (a Spectrum, TaylorSeer or FORA config) the network calls of the steps its
+schedule skips forecast the trunk's output instead of running it (see ``forecasting``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -26,6 +29,7 @@ from torch import Tensor
 from .. import ops
 from ..ops.tabdiff import segment_offsets
 from .diffusion import TabDiffModel
+from .forecasting import ForecastConfig, TrunkForecast, check_forecast
 
 PRIOR_OFFSET = 1 << 40     # Philox offset of the initial noise (steps use offsets 0 .. T-1)
 
@@ -106,10 +110,18 @@ class _Network:
             self._emb[key] = net.time_emb(torch.tensor([t], dtype=torch.float32))
         return self._emb[key]
 
-    def __call__(self, x_num: Tensor, x_cat: Tensor, t: float, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, x_num: Tensor, x_cat: Tensor, t: float, sigma: Tensor,
+                 forecast: Optional[TrunkForecast] = None, step: int = 0, euler: bool = True) -> tuple[Tensor, Tensor]:
+        """``forecast``: the batch's forecasting state; ``step`` counts sampler steps in sampling
+        order (0 = noisiest); ``euler``: the step's first call (False: its Heun call)."""
         net = self.model.network
         sigma32 = sigma.float()
-        denoised, logits = net(x_num, x_cat, None, sigma32, time_emb=self._time_emb(net, t))
+        if forecast is None:
+            denoised, logits = net(x_num, x_cat, None, sigma32, time_emb=self._time_emb(net, t))
+        else:                                      # Denoiser.forward, with the trunk's output forecast
+            x32 = x_num.float()
+            hidden = forecast.hidden(net, x32, x_cat, sigma32, self._time_emb(net, t), t, step, euler)
+            denoised, logits = net.head(hidden, x32, sigma32)
         if len(self.banned):                       # classes the caller rules out (e.g. the NaN level)
             logits = logits.index_fill(1, self.banned, -math.inf)
         if self.guidance is not None and self.guidance.weight != 0.0:
@@ -151,20 +163,28 @@ def _prior(model: TabDiffModel, tables: SamplerTables, B: int, seed: int, row_st
 @torch.no_grad()
 def sample_batch(model: TabDiffModel, tables: SamplerTables, B: int, *, seed: int, row_start: int = 0,
                  heun: bool = True, observed: Optional[Observed] = None, guidance: Optional[Guidance] = None,
-                 network: Optional[_Network] = None, on_step: Optional[Callable[[], None]] = None):
-    """Rows ``row_start .. row_start + B - 1`` of the table of ``seed``: ``(x_num [B, n], x_cat [B, m])``."""
+                 network: Optional[_Network] = None, on_step: Optional[Callable[[], None]] = None,
+                 forecast: Union[ForecastConfig, TrunkForecast, None] = None):
+    """Rows ``row_start .. row_start + B - 1`` of the table of ``seed``: ``(x_num [B, n], x_cat [B, m])``.
+    ``forecast``: a Spectrum/TaylorSeer/FORA config for ``len(tables.t)`` steps, or a fresh
+    :class:`TrunkForecast` for these rows (to read its counts afterwards); None: no forecasting."""
     net = network or _Network(model, guidance)
     K, T = model.num_classes, len(tables.t)
+    if forecast is not None and not isinstance(forecast, TrunkForecast):
+        forecast = TrunkForecast(forecast, T)
+    if forecast is not None and forecast.cache.num_steps != T:
+        raise ValueError(f"forecast: the TrunkForecast is for {forecast.cache.num_steps} steps, the tables for {T}")
     key = dict(seed=seed, row_start=row_start)
     x_num, x_cat = _prior(model, tables, B, seed, row_start, observed)
     for i in reversed(range(T)):
         x_hat, c_hat = ops.tabdiff_churn(x_num, x_cat, tables.sigma[i], tables.sigma_hat[i], tables.remask[i], K,
                                          step=i, **key)
-        denoised, logits = net(x_hat, c_hat, float(tables.t_hat[i]), tables.sigma_hat[i])
+        denoised, logits = net(x_hat, c_hat, float(tables.t_hat[i]), tables.sigma_hat[i], forecast, T - 1 - i)
         x_num, x_cat, d = ops.tabdiff_step(x_hat, c_hat, denoised, logits, tables.sigma_hat[i], tables.sigma_next[i],
                                            K, tables.alpha_t[i], tables.alpha_s[i], step=i, **key)
         if heun and i > 0 and model.n_num:
-            denoised_next, _ = net(x_num, c_hat, float(tables.t[i - 1]), tables.sigma_next[i])
+            denoised_next, _ = net(x_num, c_hat, float(tables.t[i - 1]), tables.sigma_next[i], forecast, T - 1 - i,
+                                   euler=False)
             x_num = ops.tabdiff_heun(x_hat, x_num, denoised_next, d, tables.sigma_hat[i], tables.sigma_next[i])
         if observed is not None:
             x_num, x_cat = ops.tabdiff_observe(x_num, x_cat, observed.x_num, observed.x_cat, observed.num_missing,
@@ -178,11 +198,14 @@ def sample_batch(model: TabDiffModel, tables: SamplerTables, B: int, *, seed: in
 def sample_rows(model: TabDiffModel, num_rows: int, *, seed: int, batch_size: int, steps: int,
                 stochastic: bool = True, heun: bool = True, churn: float = 1.0, row_start: int = 0,
                 observed: Optional[Observed] = None, guidance: Optional[Guidance] = None,
-                banned_logits: Sequence[int] = (), progress: bool = True,
-                desc: str = "sampling") -> tuple[Tensor, Tensor]:
-    """Rows ``row_start .. row_start + num_rows - 1`` of the table of ``seed``, in batches."""
+                banned_logits: Sequence[int] = (), progress: bool = True, desc: str = "sampling",
+                forecast: Optional[ForecastConfig] = None) -> tuple[Tensor, Tensor]:
+    """Rows ``row_start .. row_start + num_rows - 1`` of the table of ``seed``, in batches.
+    ``forecast``: a Spectrum/TaylorSeer/FORA config for ``steps`` steps; its forecast steps skip
+    the denoiser's trunk (see ``diffkern.tabdiff.forecasting``)."""
     from tqdm.auto import tqdm
 
+    forecast = check_forecast(forecast, steps)
     model.eval()
     if guidance is not None:
         guidance.model.eval()
@@ -196,7 +219,7 @@ def sample_rows(model: TabDiffModel, num_rows: int, *, seed: int, batch_size: in
             B = min(batch_size, num_rows - start)
             obs = observed.rows(start, start + B) if observed is not None else None
             x_num, x_cat = sample_batch(model, tables, B, seed=seed, row_start=row_start + start, heun=heun,
-                                        observed=obs, network=net, on_step=bar.update)
+                                        observed=obs, network=net, on_step=bar.update, forecast=forecast)
             parts_num.append(x_num)
             parts_cat.append(x_cat)
     finally:

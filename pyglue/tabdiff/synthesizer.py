@@ -25,6 +25,7 @@ from .. import __version__
 from . import distributed
 from .config import TabDiffConfig
 from .diffusion import TabDiffModel
+from .forecasting import ForecastConfig
 from .sampler import Guidance, Observed, sample_rows
 from .schema import ColumnSpec, Overrides, detect_schema
 from .training import Trainer
@@ -203,7 +204,7 @@ class TabDiffSynthesizer:
         return Guidance(self.guidance_model, guidance, index, kind)
 
     def _run_sampler(self, num_rows, seed, batch_size, steps, observed=None, guidance=None, banned=(),
-                     progress=True, desc="sampling", nproc=None):
+                     progress=True, desc="sampling", nproc=None, forecast=None):
         cfg = self.config
         seed = _seed("seed", seed)
         batch_size = cfg.sample_batch_size if batch_size is None else _positive("batch_size", batch_size)
@@ -213,7 +214,7 @@ class TabDiffSynthesizer:
         nproc = distributed.nproc_argument(nproc)
         if nproc > 1 and not distributed.active():
             kwargs = dict(num_rows=num_rows, seed=seed, batch_size=batch_size, steps=steps, observed=observed,
-                          guidance=guidance, banned=banned, progress=progress, desc=desc)
+                          guidance=guidance, banned=banned, progress=progress, desc=desc, forecast=forecast)
             return distributed.sample_in_processes(self, nproc, num_rows, batch_size, kwargs)
         # in a process group each process samples its run of whole batches; all get the whole table
         rank, size = distributed.world()
@@ -224,7 +225,7 @@ class TabDiffSynthesizer:
                 self.model, stop - start, seed=seed, batch_size=batch_size, steps=steps, stochastic=cfg.stochastic,
                 heun=cfg.heun, churn=cfg.churn, row_start=start, guidance=guidance, banned_logits=banned,
                 observed=None if observed is None else observed.rows(start, stop), progress=progress and rank == 0,
-                desc=desc)
+                desc=desc, forecast=forecast)
         return distributed.all_gather_rows(x_num, x_cat)
 
     def _decode(self, x_num, x_cat) -> pd.DataFrame:
@@ -232,8 +233,9 @@ class TabDiffSynthesizer:
 
     def sample(self, num_rows: int, *, seed: int = 0, batch_size: Optional[int] = None, steps: Optional[int] = None,
                conditions: Optional[Mapping[str, Any]] = None, guidance: Optional[float] = None,
-               progress: bool = True, nproc: Optional[int] = None) -> pd.DataFrame:
-        """``num_rows`` synthetic rows. The table depends only on (model, seed, num_rows, steps).
+               progress: bool = True, nproc: Optional[int] = None,
+               forecast: Optional[ForecastConfig] = None) -> pd.DataFrame:
+        """``num_rows`` synthetic rows. The table depends only on (model, seed, num_rows, steps, forecast).
 
         ``nproc=N`` shares whole batches of rows among N local processes (the same table, bit for
         bit); inside a torchrun process group each process samples its share and every process
@@ -243,14 +245,17 @@ class TabDiffSynthesizer:
         ``conditions={column: value}`` fixes columns in every row (``None`` asks for a missing
         value where the column had them); the rest is sampled jointly, with no rejection.
         ``guidance`` weights classifier-free guidance of the target column (default 0.6 when a
-        guidance model was trained, else 0)."""
+        guidance model was trained, else 0). ``forecast``: a ``SpectrumConfig``, ``TaylorSeerConfig``
+        or ``FORAConfig`` (from ``diffkern.forecast``) whose ``num_steps`` equals ``steps``: its
+        forecast steps skip the denoiser's trunk (see ``diffkern.tabdiff.forecasting``)."""
         self._require_fitted()
         num_rows = _positive("num_rows", num_rows)
         if conditions:
             known, missing = self._conditions_frame(conditions, num_rows)
             return self._impute(known, seed, batch_size, steps, guidance, progress, "conditional sampling", missing,
-                                nproc)
-        x_num, x_cat = self._run_sampler(num_rows, seed, batch_size, steps, progress=progress, nproc=nproc)
+                                nproc, forecast)
+        x_num, x_cat = self._run_sampler(num_rows, seed, batch_size, steps, progress=progress, nproc=nproc,
+                                         forecast=forecast)
         return self._decode(x_num, x_cat)
 
     def _conditions_frame(self, conditions: Mapping[str, Any], num_rows: int) -> tuple[pd.DataFrame, list[str]]:
@@ -284,15 +289,15 @@ class TabDiffSynthesizer:
 
     def impute(self, data: pd.DataFrame, *, seed: int = 0, batch_size: Optional[int] = None,
                steps: Optional[int] = None, guidance: Optional[float] = None, progress: bool = True,
-               nproc: Optional[int] = None) -> pd.DataFrame:
+               nproc: Optional[int] = None, forecast: Optional[ForecastConfig] = None) -> pd.DataFrame:
         """Fill the NaN cells of ``data`` (any subset of columns; absent columns are filled entirely)
         by RePaint-style conditional sampling; observed cells are returned unchanged. Filled
-        cells never take the missing value. The target column is guided by ``guidance``.
-        ``nproc`` shares the rows among processes as in :meth:`sample`."""
-        return self._impute(data, seed, batch_size, steps, guidance, progress, "imputing", [], nproc)
+        cells never take the missing value. The target column is guided by ``guidance`` (its
+        unconditional model always runs real). ``nproc`` and ``forecast`` as in :meth:`sample`."""
+        return self._impute(data, seed, batch_size, steps, guidance, progress, "imputing", [], nproc, forecast)
 
     def _impute(self, data, seed, batch_size, steps, guidance, progress, desc, condition_missing,
-                nproc=None) -> pd.DataFrame:
+                nproc=None, forecast=None) -> pd.DataFrame:
         self._require_fitted()
         if not isinstance(data, pd.DataFrame):
             raise TypeError(f"data: expected a pandas DataFrame, got {type(data).__name__}")
@@ -313,7 +318,8 @@ class TabDiffSynthesizer:
                             num_missing=num_nan, cat_missing=cat_nan)
         sampled_target = self._target_sampled(num_nan, cat_nan)
         z_num, z_cat = self._run_sampler(len(full), seed, batch_size, steps, observed,
-                                         self._guidance(guidance, sampled_target), banned, progress, desc, nproc)
+                                         self._guidance(guidance, sampled_target), banned, progress, desc, nproc,
+                                         forecast)
         filled = self._decode(z_num, z_cat)
         return self._merge(frame, filled, data)
 
