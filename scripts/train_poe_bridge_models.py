@@ -178,6 +178,7 @@ def main(argv=None):
         stop = None
         if stop_acc is not None:
             def stop(model, step):
+                model.save_pretrained(str(out_dir / "ar"))     # the latest checkpoint survives an interrupt
                 acc = validation_accuracy(spec, tok, model)
                 print(f"[ar] step {step:5d} validation accuracy {acc:.3f} (stop at >= {stop_acc})", flush=True)
                 return acc >= stop_acc

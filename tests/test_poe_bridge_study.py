@@ -59,16 +59,17 @@ def test_modchain_answers_check_and_styles_differ():
             listed = [f.target for f in p.formulas]
             ready = [f.target for f in p.formulas if f.left not in listed and f.right not in listed]
             first_listed[style] += ans.split()[0] == min(ready, key=listed.index)
-        wrong = modchain.sample_answer(p, rng)[:-1] + str((p.value + 1) % 10)
+        wrong = modchain.sample_answer(p, rng)[:-1] + str((p.value + 1) % modchain.MODULUS)
         assert not modchain.check_answer(p, wrong)
     # the AR corpus mostly starts with the earliest-listed ready line, the DLM corpus mostly not
     assert first_listed["ar"] > 160 and first_listed["dlm"] < 60
-    p = modchain.Problem((("a", 3), ("b", 7)), (modchain.Formula("d", "c", "-", "a"),
+    p = modchain.Problem((("a", 3), ("b", 2)), (modchain.Formula("d", "c", "-", "a"),
                                                 modchain.Formula("c", "a", "*", "b")), "d")
-    assert p.value == (3 * 7 - 3) % 10
-    assert modchain.chain_is_consistent(p, "c b * a 1 d c - a 8 # 8")
-    assert not modchain.chain_is_consistent(p, "d a - c 8 c a * b 1 # 8")   # '-' is not commutative
-    assert not modchain.check_answer(p, "c a * b 1 d c - a 8 #")
+    assert modchain.MODULUS == 5 and p.value == (3 * 2 - 3) % 5
+    assert modchain.chain_is_consistent(p, "c b * a 1 d c - a 3 # 3")
+    assert not modchain.chain_is_consistent(p, "c b * a 1 d a - c 3 # 3")   # '-' is not commutative
+    assert not modchain.chain_is_consistent(p, "d c - a 3 c b * a 1 # 3")   # d before its operand c
+    assert not modchain.check_answer(p, "c a * b 1 d c - a 3 #")
 
 
 def test_held_out_splits_are_disjoint_from_training():
@@ -268,7 +269,7 @@ def test_ragged_batch_on_the_modchain_pair():
     problems = spec.problems(12, 1234, "test")
     prompts = [tok(p.prompt)["input_ids"] for p in problems]
     assert len({len(p) for p in prompts}) >= 2                          # ragged
-    cfg = PoEBridgeConfig(window=4, max_lookahead=24, max_new_tokens=spec.max_new_tokens, weight=0.7)
+    cfg = PoEBridgeConfig(window=4, max_lookahead=20, max_new_tokens=spec.max_new_tokens, weight=0.7)
     dec = PoEBridgeDecoder(draft, ar, cfg)
     checked = {"windows": 0}
 

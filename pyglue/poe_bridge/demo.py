@@ -24,7 +24,7 @@ import sys
 import torch
 
 #: Per task: (W, M) of the decoder; M covers the answer canvas.
-WINDOWS = {"modchain": (4, 24), "reorganize": (4, 13), "letter-sort": (8, 16)}
+WINDOWS = {"modchain": (4, 20), "reorganize": (4, 13), "letter-sort": (8, 16)}
 DEFAULT_WEIGHT = 0.7
 
 

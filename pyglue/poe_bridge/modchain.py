@@ -1,14 +1,15 @@
-"""PoE-Bridge main task *ModChain*: GSM8K in miniature (a mod-10 program answered with a
-free-order chain of thought, exact check of the final answer).
+"""PoE-Bridge main task *ModChain*: GSM8K in miniature (a modular-arithmetic program answered
+with a free-order chain of thought, exact check of the final answer). Values are mod
+:data:`MODULUS` (5).
 
 Prompt (inputs, then the derived variables' formulas listed in a shuffled order, then the query)::
 
-    [BOS] a 3 b 7 c a + b d b * a e c - d ? e
+    [BOS] a 3 b 2 c a + b d b * a e c - d ? e
 
-Answer: one line per derived variable, each restating its formula and then its value mod 10, in
+Answer: one line per derived variable, each restating its formula and then its value mod 5, in
 any order in which a variable comes after its operands, then ``#`` and the query's value::
 
-    c a + b 0 d a * b 1 e c - d 9 # 9 [EOS]
+    c a + b 0 d a * b 1 e c - d 4 # 4 [EOS]
 
 Every program has at least two valid line orders (two derived variables independent of each
 other), every derived variable feeds the query, and every input is used.
@@ -36,18 +37,25 @@ from typing import Dict, List, Sequence, Tuple
 
 NAME = "modchain"
 VARIABLES = [chr(ord("a") + i) for i in range(8)]
-DIGITS = [str(d) for d in range(10)]
+#: Values are mod 5. (Calibration: mod 10 with 3 derived variables plateaued at 0.51-0.59
+#: validation accuracy over steps 1000-1800 of AR training, every error an arithmetic value;
+#: the gate asks for 0.80-0.95. See the training script.)
+MODULUS = 5
+DIGITS = [str(d) for d in range(MODULUS)]
 OPERATORS = ("+", "-", "*")
 COMMUTATIVE = ("+", "*")
 QUERY, ANSWER = "?", "#"
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]", "[UNK]"]
 VOCAB = SPECIAL_TOKENS + VARIABLES + DIGITS + list(OPERATORS) + [QUERY, ANSWER]
 INPUT_COUNTS = (2, 3)
-DERIVED_COUNTS = (3, 4)
+#: Three derived variables: two that read inputs only (the free order), then the query on both.
+#: (Calibration: with 3-4 derived variables, mod 10, the 4-layer AR stalled at 0.19-0.21
+#: validation accuracy from step 200 to 800 of training, far below the gate's 0.80.)
+DERIVED_COUNTS = (3,)
 #: Probability that a corpus follows its own style at a style point.
 STYLE_P = 0.9
-#: Answer canvas in tokens: 4 lines of 5 tokens, ``# v``, EOS (one spare).
-MAX_NEW_TOKENS = 24
+#: Answer canvas in tokens: 3 lines of 5 tokens, ``# v``, EOS (two spare).
+MAX_NEW_TOKENS = 20
 SPLITS = {"test": 0, "validation": 1}
 
 
@@ -72,7 +80,7 @@ class Problem:
         return " ".join(parts + [QUERY, self.query])
 
     def values(self) -> Dict[str, int]:
-        """Every variable's value mod 10."""
+        """Every variable's value mod :data:`MODULUS`."""
         vals = dict(self.inputs)
         pending = list(self.formulas)
         while pending:
@@ -88,10 +96,10 @@ class Problem:
 
 def apply(op: str, x: int, y: int) -> int:
     if op == "+":
-        return (x + y) % 10
+        return (x + y) % MODULUS
     if op == "-":
-        return (x - y) % 10
-    return (x * y) % 10
+        return (x - y) % MODULUS
+    return (x * y) % MODULUS
 
 
 def split_of(problem: Problem) -> str:
@@ -115,7 +123,7 @@ def _random_program(rng: random.Random) -> Problem:
         unused = [x for x in unused if x not in (left, right)] + [t]
         known.append(t)
     rng.shuffle(formulas)
-    return Problem(tuple((n, rng.randrange(10)) for n in inputs), tuple(formulas), derived[-1])
+    return Problem(tuple((n, rng.randrange(MODULUS)) for n in inputs), tuple(formulas), derived[-1])
 
 
 def _well_formed(p: Problem) -> bool:
