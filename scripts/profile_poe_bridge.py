@@ -23,50 +23,42 @@ from collections import defaultdict
 import torch
 
 import diffkern
-from diffkern import ops
 from diffkern.poe_bridge import PoEBridgeConfig, PoEBridgeDecoder, load_shipped, tasks
 from diffkern.poe_bridge import adapters, decoder as decoder_mod
 
 BUCKETS = ("dlm_forward", "ar_forward", "poe_draft", "poe_verify", "cache", "python")
 
 
+def _timer(fn, bucket: str, clock: dict):
+    """``fn`` that also adds its wall time to ``clock[bucket]``."""
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            clock[bucket] += time.perf_counter() - t0
+    return wrapper
+
+
 @contextlib.contextmanager
 def timed(clock: dict):
     """Patch the timed callables; ``clock[bucket]`` accumulates seconds while active."""
     patches = [(adapters.MaskedLMDraft, "logits", "dlm_forward"), (adapters.CausalLMTarget, "forward", "ar_forward"),
-               (adapters.CausalLMTarget, "select", "cache"), (adapters.CausalLMTarget, "crop", "cache")]
+               (adapters.CausalLMTarget, "select", "cache"), (adapters.CausalLMTarget, "crop", "cache"),
+               (decoder_mod.ops, "poe_draft", "poe_draft"), (decoder_mod.ops, "poe_verify", "poe_verify")]
     originals = []
     for owner, name, bucket in patches:
-        raw = owner.__dict__[name]
-        fn = raw.__func__ if isinstance(raw, staticmethod) else raw
-
-        def wrapper(*a, _fn=fn, _bucket=bucket, **k):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                clock[_bucket] += time.perf_counter() - t0
-        setattr(owner, name, staticmethod(wrapper) if isinstance(raw, staticmethod) else wrapper)
+        raw = getattr(owner, "__dict__", {}).get(name, getattr(owner, name))
+        if isinstance(raw, staticmethod):
+            setattr(owner, name, staticmethod(_timer(raw.__func__, bucket, clock)))
+        else:
+            setattr(owner, name, _timer(raw, bucket, clock))
         originals.append((owner, name, raw))
-    op_originals = []
-    for name in ("poe_draft", "poe_verify"):
-        fn = getattr(ops, name)
-
-        def op_wrapper(*a, _fn=fn, _bucket=name, **k):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                clock[_bucket] += time.perf_counter() - t0
-        setattr(decoder_mod.ops, name, op_wrapper)
-        op_originals.append((name, fn))
     try:
         yield
     finally:
         for owner, name, raw in originals:
             setattr(owner, name, raw)
-        for name, fn in op_originals:
-            setattr(decoder_mod.ops, name, fn)
 
 
 def one_decode(dec, prompts, eos, backend: str) -> dict:

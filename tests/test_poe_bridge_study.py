@@ -15,25 +15,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffkern import ops  # noqa: E402
-from diffkern.poe_bridge import (MaskedLMDraft, PoEBridgeConfig, PoEBridgeDecoder, is_only_generate,  # noqa: E402
+from diffkern.poe_bridge import (PoEBridgeConfig, PoEBridgeDecoder, is_only_generate,  # noqa: E402
                                  load_shipped, modchain, reorganize, speculative_generate, study, tasks)
 
-V, EOS, MASK = 24, 2, 3
+from test_poe_bridge_decoder import EOS, V, _models as tiny_pair  # noqa: E402
 
 
-def _models(seed=0, V=V):
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    ar = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                    eos_token_id=EOS, bos_token_id=1, pad_token_id=0,
-                                    attn_implementation="eager")).eval()
-    dlm = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, eos_token_id=EOS,
-                                     pad_token_id=0, attn_implementation="eager")).eval()
-    # sharpen the random models a little so that their distributions differ clearly
+def _models(seed=0):
+    """The decoder tests' tiny random pair, with a sharper AR head so that the two models'
+    distributions differ clearly."""
+    draft, ar = tiny_pair(seed)
     with torch.no_grad():
         ar.lm_head.weight.mul_(4.0)
-    return MaskedLMDraft(dlm, mask_token_id=MASK), ar
+    return draft, ar
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +251,7 @@ def test_demo_json_schema(tmp_path):
         demo.run(parser.parse_args(["--num-problems", "0"]))
 
 
-@pytest.mark.skipif(not (tasks.get("modchain").asset_dir / "ar" / "config.json").exists(),
+@pytest.mark.skipif(not all((tasks.get("modchain").asset_dir / m / "config.json").exists() for m in ("ar", "dlm")),
                     reason="the ModChain pair is not built (scripts/train_poe_bridge_models.py --task modchain)")
 def test_ragged_batch_on_the_modchain_pair():
     """B > 1 prompts of different lengths: every sequence is a well-formed, EOS-terminated answer,

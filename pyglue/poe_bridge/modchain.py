@@ -163,18 +163,6 @@ def sample_problem(rng: random.Random, split: str = "train") -> Problem:
             return p
 
 
-def held_out_problems(n: int, seed: int = 1234, split: str = "test") -> List[Problem]:
-    """``n`` distinct problems of the held-out ``split`` (deterministic)."""
-    rng = random.Random(seed)
-    seen, out = set(), []
-    while len(out) < n:
-        p = sample_problem(rng, split)
-        if p.prompt not in seen:
-            seen.add(p.prompt)
-            out.append(p)
-    return out
-
-
 def _prefers(rng: random.Random) -> bool:
     return rng.random() < STYLE_P
 

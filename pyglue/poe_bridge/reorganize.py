@@ -87,17 +87,6 @@ def sample_problem(rng: random.Random, split: str = "train") -> Problem:
             return p
 
 
-def held_out_problems(n: int, seed: int = 1234, split: str = "test") -> List[Problem]:
-    rng = random.Random(seed)
-    seen, out = set(), []
-    while len(out) < n:
-        p = sample_problem(rng, split)
-        if p.letters not in seen:
-            seen.add(p.letters)
-            out.append(p)
-    return out
-
-
 def sample_answer(problem: Problem, rng: random.Random, style: str = "ar") -> str:
     if style not in ("ar", "dlm"):
         raise ValueError(f"style: must be 'ar' or 'dlm', got {style!r}")

@@ -43,6 +43,18 @@ class TaskSpec:
         return [self.check(p, letter_sort.decode_answer(tokenizer, g)) for p, g in zip(problems, generations)]
 
 
+def distinct_problems(sample: Callable[[random.Random, str], object], n: int, seed: int, split: str) -> list:
+    """``n`` distinct problems (by prompt) drawn by ``sample(rng, split)``, deterministic in ``seed``."""
+    rng = random.Random(seed)
+    seen, out = set(), []
+    while len(out) < n:
+        p = sample(rng, split)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+    return out
+
+
 def _letter_sort_problems(n: int, seed: int, split: str) -> list:
     if split != "test":
         raise ValueError(f"split: letter-sort has only a 'test' held-out split, got {split!r}")
@@ -53,11 +65,12 @@ TASKS = {
     "modchain": TaskSpec(
         "modchain", modchain.VOCAB, modchain.MAX_NEW_TOKENS, ASSET_ROOT / "modchain",
         lambda rng: modchain.sample_problem(rng, "train"), modchain.sample_answer,
-        lambda n, seed, split: modchain.held_out_problems(n, seed, split), modchain.check_answer),
+        lambda n, seed, split: distinct_problems(modchain.sample_problem, n, seed, split), modchain.check_answer),
     "reorganize": TaskSpec(
         "reorganize", reorganize.VOCAB, reorganize.MAX_NEW_TOKENS, ASSET_ROOT / "reorganize",
         lambda rng: reorganize.sample_problem(rng, "train"), reorganize.sample_answer,
-        lambda n, seed, split: reorganize.held_out_problems(n, seed, split), reorganize.check_answer),
+        lambda n, seed, split: distinct_problems(reorganize.sample_problem, n, seed, split),
+        reorganize.check_answer),
     "letter-sort": TaskSpec(
         "letter-sort", letter_sort.VOCAB, letter_sort.MAX_NEW_TOKENS, ASSET_ROOT,
         lambda rng: letter_sort.sample_problem(rng, held_out=False),
