@@ -62,6 +62,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
     if not 0.0 <= args.weight <= 1.0:
         raise ValueError(f"--weight: must be in [0, 1], got {args.weight}")
+    if args.sweep_particles is not None and 4 not in args.sweep_particles:
+        raise ValueError(f"--sweep-particles: must include 4 (the default setting), got {args.sweep_particles}")
 
 
 def build_settings(args, spec, draft, target, eos: int):
