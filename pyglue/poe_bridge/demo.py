@@ -145,27 +145,32 @@ def print_claims(claims) -> None:
         print(f"  {'HOLDS' if c.holds else 'FAILS':<5} {c.name:<48} {v} {iv}   ({c.statement})")
 
 
-def plot(pooled_rows, path: str, title: str) -> None:
+def plot(pooled_rows, path: str, title: str, default_label: str) -> None:
+    """Accuracy (Wilson 95 %) against DLM forwards per problem; the PoE-Bridge sweep is drawn
+    unlabelled except for the default setting, so that the baselines stay readable."""
+    import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colours = {"ar": "black", "speculative": "tab:orange", "is-only": "tab:red", "poe-bridge": "tab:blue",
-               "official": "tab:purple"}
+    colours = {"speculative": "tab:orange", "is-only": "tab:red", "poe-bridge": "tab:blue", "official": "tab:purple"}
     for r in pooled_rows:
-        if r["dlm_forwards"] is None or r["dlm_forwards"] == 0:
+        if not r["dlm_forwards"]:
             ax.axhline(r["accuracy"], color="black", ls="--", lw=1, label=f"AR alone ({r['accuracy']:.2f})")
             continue
         c = colours.get(r["method"], "tab:green" if r["method"].startswith("dlm") else "tab:gray")
+        sweep = r["method"] == "poe-bridge" and r["label"] != default_label
         lo, hi = r["accuracy_ci"]
         ax.errorbar(r["dlm_forwards"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
-                    fmt="o", color=c, ms=4, lw=0.8)
-        ax.annotate(r["label"], (r["dlm_forwards"], r["accuracy"]), fontsize=6, xytext=(3, 2),
-                    textcoords="offset points")
+                    fmt="o", color=c, ms=3 if sweep else 5, lw=0.6, alpha=0.45 if sweep else 1.0)
+        if not sweep:
+            ax.annotate(r["label"], (r["dlm_forwards"], r["accuracy"]), fontsize=6, xytext=(4, -8),
+                        textcoords="offset points")
+    ax.plot([], [], "o", color="tab:blue", alpha=0.45, ms=3, label="PoE-Bridge sweep (w, K)")
     ax.set_xscale("log")
     ax.set_xlabel("DLM forwards per problem (log)")
     ax.set_ylabel("accuracy (Wilson 95 %)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=7)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -227,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
                                     "threads": args.threads, "quick": bool(args.quick)}}, f, indent=1)
         print("wrote", args.json)
     if args.png:
-        plot(pooled, args.png, header)
+        plot(pooled, args.png, header, default_label)
         print("wrote", args.png)
     return 0
 
