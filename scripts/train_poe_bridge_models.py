@@ -106,6 +106,17 @@ def validation_accuracy(spec, tok, model, n=200):
     return sum(spec.score(tok, problems, out.sequences)) / n
 
 
+def stop_rule(spec, tok, save_dir, stop_acc):
+    """``stop(model, step)``: save a checkpoint (it survives an interrupt), then stop once the
+    validation accuracy reaches ``stop_acc``."""
+    def stop(model, step):
+        model.save_pretrained(str(save_dir))
+        acc = validation_accuracy(spec, tok, model)
+        print(f"[ar] step {step:5d} validation accuracy {acc:.3f} (stop at >= {stop_acc})", flush=True)
+        return acc >= stop_acc
+    return stop
+
+
 def train(model, make_batch, steps, lr, log_name, stop=None, eval_every=250):
     """AdamW with warm-up and cosine decay over ``steps``; ``stop(model) -> bool`` is asked every
     ``eval_every`` steps and ends training early when it says so."""
@@ -175,13 +186,7 @@ def main(argv=None):
         ar = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=128, n_layer=4, n_head=4,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common))
         print(f"AR params: {sum(p.numel() for p in ar.parameters()) / 1e6:.2f}M", flush=True)
-        stop = None
-        if stop_acc is not None:
-            def stop(model, step):
-                model.save_pretrained(str(out_dir / "ar"))     # the latest checkpoint survives an interrupt
-                acc = validation_accuracy(spec, tok, model)
-                print(f"[ar] step {step:5d} validation accuracy {acc:.3f} (stop at >= {stop_acc})", flush=True)
-                return acc >= stop_acc
+        stop = None if stop_acc is None else stop_rule(spec, tok, out_dir / "ar", stop_acc)
         train(ar, lambda: ar_batch(spec, tok, rng, args.batch), ar_steps, 1e-3, "ar", stop, args.eval_every)
         ar.save_pretrained(str(out_dir / "ar"))
         tok.save_pretrained(str(out_dir / "ar"))

@@ -4,7 +4,6 @@ Tiny random models or the shipped pairs; no training."""
 import collections
 import copy
 import json
-import math
 import os
 import random
 

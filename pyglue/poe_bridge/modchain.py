@@ -22,7 +22,8 @@ differ), never in line length, so that the styles stay position-aligned:
 * ``style="dlm"``: the mirror preferences (latest listed ready variable, swapped operands), p = 0.9.
 
 :func:`check_answer` is exact on the final answer (the token after ``#``), like GSM8K's
-exact-match; :func:`chain_is_consistent` also checks every line.
+exact-match (chance level: about 1 / MODULUS = 0.2); :func:`chain_is_consistent` also checks
+every line.
 
 Splits by a stable hash of the prompt: bucket 0 of ten is the held-out test split, bucket 1 the
 validation split the training script calibrates on; training uses the other eight.

@@ -23,7 +23,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Tuple
+from typing import Tuple
 
 NAME = "reorganize"
 LETTERS = [chr(ord("a") + i) for i in range(6)]

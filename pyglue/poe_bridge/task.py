@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 LETTERS = [chr(ord("a") + i) for i in range(16)]
 SEPARATORS = (",", ";")
