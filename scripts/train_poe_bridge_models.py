@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Train the tiny PoE-Bridge model pair shipped in ``pyglue/assets/poe_bridge``.
+"""Train a tiny PoE-Bridge model pair shipped in ``pyglue/assets/poe_bridge``.
 
-Both models learn the letter-sorting task of :mod:`diffkern.poe_bridge.task` from freshly
-sampled training problems (held-out letter sets are never seen):
+Both models learn one task of :mod:`diffkern.poe_bridge.tasks` (``--task``: ``letter-sort``,
+the first pair; ``modchain``, the main study task; ``reorganize``, the stress task) from freshly
+sampled training problems (held-out problems are never seen). The AR model learns the task's
+``"ar"``-style corpus, the DLM its ``"dlm"``-style corpus (they differ only in harmless style):
 
 * ``ar/``  GPT-2 causal LM (``AutoModelForCausalLM``), loss on the answer and EOS;
 * ``dlm/`` BERT masked LM (``AutoModelForMaskedLM``) trained as a masked-diffusion LM: the
@@ -11,9 +13,14 @@ sampled training problems (held-out letter sets are never seen):
   suffix only (the prefix-conditioned case that PoE-Bridge's drafting sees); a few canvases are
   truncated so that shorter lookaheads work. Logits are unshifted (LLaDA style).
 
-Runs on CPU with one thread by default, in a few minutes::
+Calibration (``modchain``): the study needs an AR model that is good but not perfect, so AR
+training stops at the first evaluation (every ``--eval-every`` steps, 200 problems of the
+*validation* split, T = 0.2) whose accuracy reaches ``--ar-stop-accuracy``; the test split the
+demo reports on plays no part.
 
-    python scripts/train_poe_bridge_models.py [--ar-steps 2000] [--dlm-steps 2800] [--out DIR]
+Runs on CPU with one thread by default, in a few minutes per model::
+
+    python scripts/train_poe_bridge_models.py --task modchain [--ar-steps N] [--dlm-steps N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,16 +35,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffkern.poe_bridge import task
-from diffkern.poe_bridge.models import ASSET_DIR
+from diffkern.poe_bridge import task, tasks
+
+#: Per task: (AR steps, DLM steps, AR stop accuracy on the validation split or None).
+DEFAULTS = {"letter-sort": (2000, 2800, None), "modchain": (2000, 1600, 0.88), "reorganize": (700, 750, None)}
 
 
-def ar_batch(tok, rng, batch):
+def ar_batch(spec, tok, rng, batch):
     seqs, starts = [], []
     for _ in range(batch):
-        p = task.sample_problem(rng, held_out=False)
-        prompt = task.encode_prompt(tok, p)
-        ans = tok(task.sample_answer(p, rng), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        p = spec.train_problem(rng)
+        prompt = tok(p.prompt)["input_ids"]
+        ans = tok(spec.answer(p, rng, "ar"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(prompt + ans)
         starts.append(len(prompt))
     L = max(map(len, seqs))
@@ -51,12 +60,12 @@ def ar_batch(tok, rng, batch):
     return ids, attn, labels
 
 
-def dlm_batch(tok, rng, batch, new_tokens):
+def dlm_batch(spec, tok, rng, batch, new_tokens):
     rows = []
     for _ in range(batch):
-        p = task.sample_problem(rng, held_out=False)
-        prompt = task.encode_prompt(tok, p)
-        ans = tok(task.sample_answer(p, rng), add_special_tokens=False)["input_ids"]
+        p = spec.train_problem(rng)
+        prompt = tok(p.prompt)["input_ids"]
+        ans = tok(spec.answer(p, rng, "dlm"), add_special_tokens=False)["input_ids"]
         region = (ans + [tok.eos_token_id] * new_tokens)[:new_tokens]
         t = rng.random()
         if rng.random() < 0.5:
@@ -87,7 +96,30 @@ def dlm_batch(tok, rng, batch, new_tokens):
     return ids, attn, labels
 
 
-def train(model, make_batch, steps, lr, log_name):
+def validation_accuracy(spec, tok, model, n=200):
+    """AR accuracy on ``n`` validation-split problems (T = 0.2, top-p 0.95, one sample each)."""
+    from diffkern.poe_bridge import ar_generate
+    problems = spec.problems(n, 99, "validation")
+    prompts = [tok(p.prompt)["input_ids"] for p in problems]
+    out = ar_generate(model, prompts, max_new_tokens=spec.max_new_tokens, temperature=0.2, top_p=0.95,
+                      seed=0, eos_token_id=tok.eos_token_id)
+    return sum(spec.score(tok, problems, out.sequences)) / n
+
+
+def stop_rule(spec, tok, save_dir, stop_acc):
+    """``stop(model, step)``: save a checkpoint (it survives an interrupt), then stop once the
+    validation accuracy reaches ``stop_acc``."""
+    def stop(model, step):
+        model.save_pretrained(str(save_dir))
+        acc = validation_accuracy(spec, tok, model)
+        print(f"[ar] step {step:5d} validation accuracy {acc:.3f} (stop at >= {stop_acc})", flush=True)
+        return acc >= stop_acc
+    return stop
+
+
+def train(model, make_batch, steps, lr, log_name, stop=None, eval_every=250):
+    """AdamW with warm-up and cosine decay over ``steps``; ``stop(model) -> bool`` is asked every
+    ``eval_every`` steps and ends training early when it says so."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -108,27 +140,44 @@ def train(model, make_batch, steps, lr, log_name):
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         if step % 250 == 0 or step == steps - 1:
             print(f"[{log_name}] step {step:5d} loss {run:.4f} ({time.time() - t0:.0f}s)", flush=True)
+        if stop is not None and step > 0 and step % eval_every == 0:
+            model.eval()
+            if stop(model, step):
+                break
+            model.train()
+    print(f"[{log_name}] trained {step + 1} steps in {time.time() - t0:.0f}s", flush=True)
     model.eval()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ASSET_DIR)
-    ap.add_argument("--ar-steps", type=int, default=2000)
-    ap.add_argument("--dlm-steps", type=int, default=2800)
+    ap.add_argument("--task", choices=sorted(tasks.TASKS), default="letter-sort")
+    ap.add_argument("--out", type=Path, default=None, help="default: the task's asset folder")
+    ap.add_argument("--ar-steps", type=int, default=None, help="default: per task (see DEFAULTS)")
+    ap.add_argument("--dlm-steps", type=int, default=None, help="default: per task")
+    ap.add_argument("--ar-stop-accuracy", type=float, default=None,
+                    help="stop AR training once validation accuracy reaches this (default: per task; <= 0: never)")
+    ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["ar", "dlm"], default=None)
     args = ap.parse_args(argv)
+    spec = tasks.get(args.task)
+    ar_steps, dlm_steps, stop_acc = DEFAULTS[args.task]
+    ar_steps = args.ar_steps or ar_steps
+    dlm_steps = args.dlm_steps or dlm_steps
+    stop_acc = stop_acc if args.ar_stop_accuracy is None else (args.ar_stop_accuracy if args.ar_stop_accuracy > 0
+                                                                else None)
+    out_dir = args.out or spec.asset_dir
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-    tok = task.build_tokenizer()
-    tok.save_pretrained(str(args.out / "tokenizer"))
+    tok = task.build_tokenizer(spec.vocab)
+    tok.save_pretrained(str(out_dir / "tokenizer"))
     V = len(tok)
     common = dict(vocab_size=V, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id)
@@ -137,9 +186,10 @@ def main(argv=None):
         ar = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=128, n_layer=4, n_head=4,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common))
         print(f"AR params: {sum(p.numel() for p in ar.parameters()) / 1e6:.2f}M", flush=True)
-        train(ar, lambda: ar_batch(tok, rng, args.batch), args.ar_steps, 1e-3, "ar")
-        ar.save_pretrained(str(args.out / "ar"))
-        tok.save_pretrained(str(args.out / "ar"))
+        stop = None if stop_acc is None else stop_rule(spec, tok, out_dir / "ar", stop_acc)
+        train(ar, lambda: ar_batch(spec, tok, rng, args.batch), ar_steps, 1e-3, "ar", stop, args.eval_every)
+        ar.save_pretrained(str(out_dir / "ar"))
+        tok.save_pretrained(str(out_dir / "ar"))
 
     if args.only in (None, "dlm"):
         dlm = BertForMaskedLM(BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -147,10 +197,10 @@ def main(argv=None):
                                          type_vocab_size=1, hidden_dropout_prob=0.0,
                                          attention_probs_dropout_prob=0.0, **common))
         print(f"DLM params: {sum(p.numel() for p in dlm.parameters()) / 1e6:.2f}M", flush=True)
-        train(dlm, lambda: dlm_batch(tok, rng, args.batch, task.MAX_NEW_TOKENS), args.dlm_steps, 1e-3, "dlm")
-        dlm.save_pretrained(str(args.out / "dlm"))
-        tok.save_pretrained(str(args.out / "dlm"))
-    print("saved to", args.out)
+        train(dlm, lambda: dlm_batch(spec, tok, rng, args.batch, spec.max_new_tokens), dlm_steps, 1e-3, "dlm")
+        dlm.save_pretrained(str(out_dir / "dlm"))
+        tok.save_pretrained(str(out_dir / "dlm"))
+    print("saved to", out_dir)
     return 0
 
 

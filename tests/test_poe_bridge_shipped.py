@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffkern.poe_bridge import (PoEBridgeConfig, PoEBridgeDecoder, ar_generate, dlm_generate,  # noqa: E402
                                  load_shipped, task)
-from diffkern.poe_bridge import demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +65,3 @@ def test_parallel_dlm_decoding_mixes_forms(shipped, problems):
     out = dlm_generate(draft, prompts, max_new_tokens=task.MAX_NEW_TOKENS, tokens_per_step=8, seed=0,
                        eos_token_id=tok.eos_token_id)
     assert task.score(tok, problems, out.sequences) <= 0.6
-
-
-def test_demo_cli_contract(tmp_path):
-    import argparse
-    import json
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    path = tmp_path / "rows.json"
-    args = parser.parse_args(["--num-problems", "4", "--batch-size", "4", "--json", str(path)])
-    assert demo.run(args) == 0
-    rows = json.loads(path.read_text())["rows"]
-    keys = {"method", "backend", "accuracy", "dlm_forwards", "ar_forwards", "tokens_per_s"}
-    assert all(keys <= set(r) for r in rows)
-    methods = {r["method"] for r in rows}
-    assert {"ar", "dlm-1", "dlm-2", "dlm-4", "speculative", "poe-bridge"} <= methods
-    assert {r["backend"] for r in rows if r["method"] == "poe-bridge"} >= {"reference"}
-    with pytest.raises(ValueError, match="num-problems"):
-        demo.run(parser.parse_args(["--num-problems", "0"]))

@@ -12,19 +12,20 @@ All hot math runs through ``diffkern.ops.poe_draft`` / ``diffkern.ops.poe_verify
 """
 
 from .adapters import CausalLMTarget, DraftModel, MaskedLMDraft, check_vocab
-from .baselines import ar_generate, dlm_generate, speculative_generate
+from .baselines import ar_generate, dlm_generate, is_only_generate, speculative_generate
 from .config import PoEBridgeConfig
 from .decoder import GenerationOutput, GenerationStats, PoEBridgeDecoder
 
 
-def load_shipped():
-    """``(tokenizer, draft, target)`` for the shipped letter-sorting pair (see :mod:`.task`):
-    a :class:`MaskedLMDraft` over the BERT diffusion LM and the GPT-2 causal LM."""
+def load_shipped(task: str = "letter-sort"):
+    """``(tokenizer, draft, target)`` for a shipped pair (``"letter-sort"``, ``"modchain"`` or
+    ``"reorganize"``, see :mod:`.tasks`): a :class:`MaskedLMDraft` over the BERT diffusion LM and
+    the GPT-2 causal LM."""
     from . import models
-    tok, dlm, ar = models.load_pair()
+    tok, dlm, ar = models.load_pair(task)
     return tok, MaskedLMDraft(dlm, mask_token_id=tok.mask_token_id), ar
 
 
 __all__ = ["CausalLMTarget", "DraftModel", "GenerationOutput", "GenerationStats", "MaskedLMDraft",
-           "PoEBridgeConfig", "PoEBridgeDecoder", "ar_generate", "check_vocab", "dlm_generate",
+           "PoEBridgeConfig", "PoEBridgeDecoder", "ar_generate", "check_vocab", "dlm_generate", "is_only_generate",
            "load_shipped", "speculative_generate"]

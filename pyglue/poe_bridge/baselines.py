@@ -8,6 +8,9 @@
   mask is left before the first EOS.
 * :func:`speculative_generate` - naive speculative decoding: PoE-Bridge with weight 0 and one
   particle (the DLM drafts, the AR model verifies, standard rejection sampling).
+* :func:`is_only_generate` - importance sampling alone (the "prior approach", EDLM-style, applied
+  window by window): PoE-Bridge with weight 1 and ``top_p=1``, so the PoE target *is* the proposal
+  q, every draft is accepted, and the K particles are reweighted by ``log p_AR - log q``.
 """
 
 from __future__ import annotations
@@ -60,8 +63,7 @@ def ar_generate(target_model, input_ids, attention_mask=None, *, max_new_tokens:
     bar = _progress(progress, max_new_tokens, "ar")
     for step in range(max_new_tokens):
         logits, cache = target.forward(ids, am, pos, cache)
-        stats.ar_calls += 1
-        stats.ar_forwards += int((~done).sum())
+        stats.count_ar((~done).nonzero()[:, 0].tolist())
         tok, _ = ops.poe_draft(logits[:, -1:, : target.vocab_size], temps, top_p=top_p, seed=seed, offset=step)
         tok = tok[:, 0, 0].cpu()
         for b in range(B):
@@ -115,8 +117,7 @@ def dlm_generate(draft_model, input_ids, attention_mask=None, *, max_new_tokens:
     while not bool(done.all()):
         act = (~done).nonzero()[:, 0]
         logits = draft.logits(ids[act].to(dev), am[act].to(dev))
-        stats.dlm_calls += 1
-        stats.dlm_forwards += len(act)
+        stats.count_dlm(act.tolist())
         region = torch.gather(logits, 1, cols[act].to(dev)[..., None].expand(-1, -1, logits.shape[-1]))
         tok, logq = ops.poe_draft(region[..., : draft.vocab_size], temps, top_p=top_p, seed=seed, offset=step)
         tok, logq = tok[:, 0].cpu(), logq[:, 0].float().cpu()
@@ -159,4 +160,16 @@ def speculative_generate(draft_model, target_model, input_ids, attention_mask=No
                          config: Optional[PoEBridgeConfig] = None, **kwargs) -> GenerationOutput:
     """Naive speculative decoding: PoE-Bridge with ``weight=0`` and one particle."""
     cfg = (config or PoEBridgeConfig()).replace(weight=0.0, num_particles=1, n_low_temp=1)
+    return PoEBridgeDecoder(draft_model, target_model, cfg).generate(input_ids, attention_mask, **kwargs)
+
+
+def is_only_generate(draft_model, target_model, input_ids, attention_mask=None, *,
+                     config: Optional[PoEBridgeConfig] = None, **kwargs) -> GenerationOutput:
+    """Importance sampling alone: PoE-Bridge with ``weight=1`` and ``top_p=1``.
+
+    With w = 1 the PoE target equals the DLM's tempered softmax; without a nucleus that is exactly
+    the proposal q, so the acceptance test always passes and the importance log-weights are
+    ``sum_j [log p_AR,T*(x_j) - log q(x_j)]``. The other settings (K, windows, temperatures,
+    selection) are ``config``'s."""
+    cfg = (config or PoEBridgeConfig()).replace(weight=1.0, top_p=1.0)
     return PoEBridgeDecoder(draft_model, target_model, cfg).generate(input_ids, attention_mask, **kwargs)

@@ -1,7 +1,8 @@
 """The tiny model pair shipped with diffkern (trained by ``scripts/train_poe_bridge_models.py``).
 
 ``pyglue/assets/poe_bridge/`` holds ``tokenizer/`` (shared), ``ar/`` (a GPT-2 causal LM) and
-``dlm/`` (a BERT masked LM trained as a masked-diffusion LM), all written with
+``dlm/`` (a BERT masked LM trained as a masked-diffusion LM) of the letter-sort pair, and one
+such folder per further task (``modchain/``, ``reorganize/``; see :mod:`.tasks`), all written with
 ``save_pretrained`` and read with ``from_pretrained`` without network access.
 """
 
@@ -29,29 +30,32 @@ def _require(path: Path) -> Path:
     return path
 
 
-def load_tokenizer():
+def load_tokenizer(root: Path = ASSET_DIR):
     transformers = require("transformers", _NEEDED_BY)
-    return transformers.PreTrainedTokenizerFast.from_pretrained(str(_require(TOKENIZER_DIR)), local_files_only=True)
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(_require(root / "tokenizer")),
+                                                                local_files_only=True)
 
 
-def load_ar_model(dtype=None):
+def load_ar_model(dtype=None, root: Path = ASSET_DIR):
     transformers = require("transformers", _NEEDED_BY)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(_require(AR_DIR)), local_files_only=True,
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(_require(root / "ar")), local_files_only=True,
                                                  attn_implementation="eager", dtype=dtype)
     return model.eval()
 
 
-def load_dlm_model(dtype=None):
+def load_dlm_model(dtype=None, root: Path = ASSET_DIR):
     transformers = require("transformers", _NEEDED_BY)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = transformers.AutoModelForMaskedLM.from_pretrained(str(_require(DLM_DIR)), local_files_only=True,
+    model = transformers.AutoModelForMaskedLM.from_pretrained(str(_require(root / "dlm")), local_files_only=True,
                                                  attn_implementation="eager", dtype=dtype)
     return model.eval()
 
 
-def load_pair() -> Tuple[object, object, object]:
-    """``(tokenizer, draft_model, target_model)``: the raw transformers models; wrap them with
-    :class:`diffkern.poe_bridge.MaskedLMDraft` / :class:`diffkern.poe_bridge.CausalLMTarget`
-    (or use :func:`diffkern.poe_bridge.load_shipped`)."""
-    return load_tokenizer(), load_dlm_model(), load_ar_model()
+def load_pair(task: str = "letter-sort") -> Tuple[object, object, object]:
+    """``(tokenizer, draft_model, target_model)`` of ``task``'s shipped pair (see :mod:`.tasks`):
+    the raw transformers models; wrap them with :class:`diffkern.poe_bridge.MaskedLMDraft` /
+    :class:`diffkern.poe_bridge.CausalLMTarget` (or use :func:`diffkern.poe_bridge.load_shipped`)."""
+    from .tasks import get
+    root = get(task).asset_dir
+    return load_tokenizer(root), load_dlm_model(root=root), load_ar_model(root=root)

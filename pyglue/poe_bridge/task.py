@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 LETTERS = [chr(ord("a") + i) for i in range(16)]
 SEPARATORS = (",", ";")
@@ -96,12 +96,15 @@ def check_answer(problem: Problem, answer: str) -> bool:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 
-def build_tokenizer():
-    """A word-level ``PreTrainedTokenizerFast`` over :data:`VOCAB` (whitespace-separated)."""
+def build_tokenizer(vocab_tokens: Sequence[str] = tuple(VOCAB)):
+    """A word-level ``PreTrainedTokenizerFast`` over ``vocab_tokens`` (default :data:`VOCAB`;
+    whitespace-separated; the first five must be :data:`SPECIAL_TOKENS`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    if list(vocab_tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        raise ValueError(f"vocab_tokens: must start with {SPECIAL_TOKENS}, got {list(vocab_tokens[:5])}")
+    vocab = {tok: i for i, tok in enumerate(vocab_tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
