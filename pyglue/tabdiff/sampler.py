@@ -3,7 +3,9 @@
 Tensors only: ``x_num [N, n]`` in the model's (quantile-normal) space, ``x_cat [N, m]`` indices.
 All per-step math outside the network runs through the ``diffkern.ops.tabdiff_*`` operators, so
 swapping kernels is backend selection. Randomness is keyed by (seed, step, global row, column),
-so a table depends only on (model, seed, number of rows), not on ``batch_size``.
+so the random numbers depend only on (model, seed, number of rows), not on ``batch_size``: categories
+are batch-size invariant, numerical values only to float rounding (CPU GEMM and vectorised
+activations round a row differently in batches of different shapes; up to ~5e-6 measured).
 
 The loop of one batch, per step i = T-1 .. 0 (official ``UnifiedCtimeDiffusion.edm_update``)::
 
