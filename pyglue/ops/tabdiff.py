@@ -50,7 +50,7 @@ Backends: ``reference`` (this file: float64 math, result in the input dtype; the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -110,78 +110,8 @@ def observed_noise(seed: int, step: int, row_start: int, B: int, n: int, m: int,
 
 
 # --------------------------------------------------------------------------------------------
-# Reference backend (float64 math; the spec)
-# --------------------------------------------------------------------------------------------
-
-def _f64(x: Tensor) -> Tensor:
-    return x.to(torch.float64)
-
-
-def churn_reference(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, noise, uniforms):
-    scale = (_f64(sigma_hat) ** 2 - _f64(sigma_cur) ** 2).clamp_min(0.0).sqrt()
-    x_hat = (_f64(x_num) + scale * _f64(noise)).to(x_num.dtype)
-    mask_index = torch.as_tensor(list(num_classes), dtype=torch.int64, device=x_cat.device)
-    remask = _f64(uniforms) < _f64(remask_chance)
-    return x_hat, torch.where(remask, mask_index.expand_as(x_cat), x_cat)
-
-
-def _unmask_reference(logits: Tensor, x_cat_hat: Tensor, num_classes, alpha_t: Tensor, alpha_s: Tensor,
-                      uniforms: Tensor) -> Tensor:
-    x_next = x_cat_hat.clone()
-    for j, (start, k) in enumerate(zip(segment_offsets(num_classes), num_classes)):
-        log_p = torch.log_softmax(_f64(logits[:, start:start + k]), dim=-1)          # SUBS: MASK removed
-        q = torch.cat([log_p.exp() * (_f64(alpha_s[j]) - _f64(alpha_t[j])),
-                       (1.0 - _f64(alpha_s[j])).expand(log_p.shape[0], 1)], dim=-1)   # [B, K_j + 1]
-        race = q / (RACE_EPS - torch.log(_f64(uniforms[:, start:start + k + 1]) + RACE_EPS))
-        draw = race.argmax(dim=-1)                                                    # first max on ties
-        x_next[:, j] = torch.where(x_cat_hat[:, j] == k, draw, x_cat_hat[:, j])
-    return x_next
-
-
-def step_reference(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes,
-                   alpha_t, alpha_s, uniforms):
-    d = (_f64(x_num_hat) - _f64(denoised)) / _f64(sigma_hat)
-    x_next = _f64(x_num_hat) + (_f64(sigma_next) - _f64(sigma_hat)) * d
-    x_cat_next = _unmask_reference(logits, x_cat_hat, num_classes, alpha_t, alpha_s, uniforms)
-    return x_next.to(x_num_hat.dtype), x_cat_next, d.to(x_num_hat.dtype)
-
-
-def heun_reference(x_num_hat, x_next, denoised_next, d, sigma_hat, sigma_next):
-    d_prime = (_f64(x_next) - _f64(denoised_next)) / _f64(sigma_next)
-    out = _f64(x_num_hat) + (_f64(sigma_next) - _f64(sigma_hat)) * (0.5 * _f64(d) + 0.5 * d_prime)
-    return out.to(x_num_hat.dtype)
-
-
-def observe_reference(z_num, z_cat, x_obs_num, x_obs_cat, num_missing, cat_missing, sigma_next,
-                      mask_chance, num_classes, noise, uniforms):
-    known_num = (_f64(x_obs_num) + _f64(sigma_next) * _f64(noise)).to(z_num.dtype)
-    mask_index = torch.as_tensor(list(num_classes), dtype=torch.int64, device=z_cat.device)
-    known_cat = torch.where(_f64(uniforms) < _f64(mask_chance), mask_index.expand_as(x_obs_cat), x_obs_cat)
-    return torch.where(num_missing, z_num, known_num), torch.where(cat_missing, z_cat, known_cat)
-
-
-def guide_reference(cond, uncond, weight):
-    return ((1.0 + weight) * _f64(cond) - weight * _f64(uncond)).to(cond.dtype)
-
-
-def _device_of_first(*args, **kwargs) -> torch.device:
-    return args[0].device
-
-
-_churn_op = Operator("tabdiff_churn", _device_of_first)
-_step_op = Operator("tabdiff_step", _device_of_first)
-_heun_op = Operator("tabdiff_heun", _device_of_first)
-_observe_op = Operator("tabdiff_observe", _device_of_first)
-_guide_op = Operator("tabdiff_guide", _device_of_first)
-_churn_op.register("reference")(churn_reference)
-_step_op.register("reference")(step_reference)
-_heun_op.register("reference")(heun_reference)
-_observe_op.register("reference")(observe_reference)
-_guide_op.register("reference")(guide_reference)
-
-
-# --------------------------------------------------------------------------------------------
-# Value checks (inside the ops: every backend, outside any graph)
+# Value checks: the reference runs them; a fast backend counts bad cells in a status vector and
+# its finish re-runs them to raise the same error (one error path for every backend)
 # --------------------------------------------------------------------------------------------
 
 def _check_unit(name: str, u: Tensor) -> None:
@@ -212,26 +142,229 @@ def _check_finite(name: str, x: Tensor, hint: str = "") -> None:
         raise ValueError(f"{name}: non-finite value {float(x[b, j])} at [{b}, {j}]{hint}")
 
 
+def _check_masked_logits(logits: Tensor, x_cat_hat: Tensor, num_classes: Sequence[int], step: int) -> None:
+    """The segments the unmask sampler reads (masked cells): no NaN or +inf, a finite class logit."""
+    for j, (start, k) in enumerate(zip(segment_offsets(num_classes), num_classes)):
+        masked = x_cat_hat[:, j] == k
+        if not bool(masked.any()):
+            continue
+        seg = logits[masked, start:start + k + 1]
+        if bool(torch.isnan(seg).any()) or bool(torch.isposinf(seg).any()):
+            raise ValueError(f"logits: NaN or +inf in column {j}'s logits in the network's output at step {step}")
+        if bool(torch.isneginf(seg[:, :k]).all(dim=1).any()):
+            raise ValueError(f"logits: every class logit of column {j} is -inf for a masked row at step {step} "
+                             f"(no class can be drawn)")
+
+
+def check_churn_values(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, seed, step, row_start,
+                       noise, uniforms) -> None:
+    _check_categories("x_cat", x_cat, num_classes)
+
+
+def check_step_values(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes, alpha_t, alpha_s,
+                      seed, step, row_start, uniforms) -> None:
+    _check_categories("x_cat_hat", x_cat_hat, num_classes)
+    _check_finite("denoised", denoised, f" (the network's output at step {step})")
+    _check_masked_logits(logits, x_cat_hat, num_classes, step)
+
+
+def check_heun_values(x_num_hat, x_next, denoised_next, d, sigma_hat, sigma_next) -> None:
+    _check_finite("denoised_next", denoised_next, " (the network's output in the Heun correction)")
+
+
+def check_observe_values(z_num, z_cat, x_obs_num, x_obs_cat, num_missing, cat_missing, sigma_next, mask_chance,
+                         num_classes, seed, step, row_start, noise, uniforms) -> None:
+    _check_categories("x_obs_cat", x_obs_cat, num_classes)
+
+
+def _finisher(check: Callable[..., None]) -> Callable:
+    """A fast backend's finish: raw = (*outputs, status); any bad cell re-runs the reference check."""
+    def finish(raw, *args, **kwargs):
+        *outputs, status = raw
+        if bool(status.any()):
+            check(*args, **kwargs)
+            raise AssertionError(f"internal: a fast kernel flagged {status.tolist()} but the reference check "
+                                 "found nothing (please report)")
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+    return finish
+
+
 # --------------------------------------------------------------------------------------------
-# torch custom ops
+# Reference backend (float64 math; the spec)
+# --------------------------------------------------------------------------------------------
+
+def _f64(x: Tensor) -> Tensor:
+    return x.to(torch.float64)
+
+
+def churn_reference(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, seed, step, row_start,
+                    noise, uniforms):
+    check_churn_values(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, seed, step, row_start,
+                       noise, uniforms)
+    B, n = x_num.shape
+    noise = churn_noise(seed, step, row_start, B, n, x_num.device) if noise is None else noise
+    if uniforms is None:
+        uniforms = remask_uniforms(seed, step, row_start, B, x_cat.shape[1], x_cat.device)
+    scale = (_f64(sigma_hat) ** 2 - _f64(sigma_cur) ** 2).clamp_min(0.0).sqrt()
+    x_hat = (_f64(x_num) + scale * _f64(noise)).to(x_num.dtype)
+    mask_index = torch.as_tensor(list(num_classes), dtype=torch.int64, device=x_cat.device)
+    remask = _f64(uniforms) < _f64(remask_chance)
+    return x_hat, torch.where(remask, mask_index.expand_as(x_cat), x_cat)
+
+
+def _unmask_reference(logits: Tensor, x_cat_hat: Tensor, num_classes, alpha_t: Tensor, alpha_s: Tensor,
+                      uniforms: Tensor) -> Tensor:
+    x_next = x_cat_hat.clone()
+    for j, (start, k) in enumerate(zip(segment_offsets(num_classes), num_classes)):
+        log_p = torch.log_softmax(_f64(logits[:, start:start + k]), dim=-1)          # SUBS: MASK removed
+        q = torch.cat([log_p.exp() * (_f64(alpha_s[j]) - _f64(alpha_t[j])),
+                       (1.0 - _f64(alpha_s[j])).expand(log_p.shape[0], 1)], dim=-1)   # [B, K_j + 1]
+        race = q / (RACE_EPS - torch.log(_f64(uniforms[:, start:start + k + 1]) + RACE_EPS))
+        draw = race.argmax(dim=-1)                                                    # first max on ties
+        x_next[:, j] = torch.where(x_cat_hat[:, j] == k, draw, x_cat_hat[:, j])
+    return x_next
+
+
+def step_reference(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes,
+                   alpha_t, alpha_s, seed, step, row_start, uniforms):
+    check_step_values(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes, alpha_t, alpha_s,
+                      seed, step, row_start, uniforms)
+    if uniforms is None:
+        uniforms = unmask_uniforms(seed, step, row_start, x_num_hat.shape[0], logits.shape[1], logits.device)
+    d = (_f64(x_num_hat) - _f64(denoised)) / _f64(sigma_hat)
+    x_next = _f64(x_num_hat) + (_f64(sigma_next) - _f64(sigma_hat)) * d
+    x_cat_next = _unmask_reference(logits, x_cat_hat, num_classes, alpha_t, alpha_s, uniforms)
+    return x_next.to(x_num_hat.dtype), x_cat_next, d.to(x_num_hat.dtype)
+
+
+def heun_reference(x_num_hat, x_next, denoised_next, d, sigma_hat, sigma_next):
+    check_heun_values(x_num_hat, x_next, denoised_next, d, sigma_hat, sigma_next)
+    d_prime = (_f64(x_next) - _f64(denoised_next)) / _f64(sigma_next)
+    out = _f64(x_num_hat) + (_f64(sigma_next) - _f64(sigma_hat)) * (0.5 * _f64(d) + 0.5 * d_prime)
+    return out.to(x_num_hat.dtype)
+
+
+def observe_reference(z_num, z_cat, x_obs_num, x_obs_cat, num_missing, cat_missing, sigma_next,
+                      mask_chance, num_classes, seed, step, row_start, noise, uniforms):
+    check_observe_values(z_num, z_cat, x_obs_num, x_obs_cat, num_missing, cat_missing, sigma_next, mask_chance,
+                         num_classes, seed, step, row_start, noise, uniforms)
+    if noise is None or uniforms is None:
+        B, n = z_num.shape
+        drawn_noise, drawn_uniforms = observed_noise(seed, step, row_start, B, n, z_cat.shape[1], z_num.device)
+        noise = drawn_noise if noise is None else noise
+        uniforms = drawn_uniforms if uniforms is None else uniforms
+    known_num = (_f64(x_obs_num) + _f64(sigma_next) * _f64(noise)).to(z_num.dtype)
+    mask_index = torch.as_tensor(list(num_classes), dtype=torch.int64, device=z_cat.device)
+    known_cat = torch.where(_f64(uniforms) < _f64(mask_chance), mask_index.expand_as(x_obs_cat), x_obs_cat)
+    return torch.where(num_missing, z_num, known_num), torch.where(cat_missing, z_cat, known_cat)
+
+
+def guide_reference(cond, uncond, weight):
+    return ((1.0 + weight) * _f64(cond) - weight * _f64(uncond)).to(cond.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# cpu backend (csrc/cpu/tabdiff.cpp): random numbers drawn in the loop, only where used
+# --------------------------------------------------------------------------------------------
+
+def _table(x: Tensor) -> Tensor:
+    return x.to(torch.float64).contiguous()
+
+
+def _grid(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.to(torch.float64).contiguous()
+
+
+def _unit_columns(x: Tensor) -> Tensor:
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _signed(seed: int) -> int:
+    """A uint64 seed as the int64 with the same bits (the C++ side reads it back as uint64)."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+def _churn_cpu(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, seed, step, row_start, noise,
+               uniforms):
+    return torch.ops.diffkern.tabdiff_churn_kernel(
+        _unit_columns(x_num), _unit_columns(x_cat), _table(sigma_cur), _table(sigma_hat), _table(remask_chance),
+        num_classes, _signed(seed), step, row_start, _grid(noise), _grid(uniforms))
+
+
+def _step_cpu(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes, alpha_t, alpha_s,
+              seed, step, row_start, uniforms):
+    return torch.ops.diffkern.tabdiff_step_kernel(
+        _unit_columns(x_num_hat), _unit_columns(x_cat_hat), _unit_columns(denoised), _unit_columns(logits),
+        _table(sigma_hat), _table(sigma_next), num_classes, _table(alpha_t), _table(alpha_s), _signed(seed), step,
+        row_start, _grid(uniforms))
+
+
+def _heun_cpu(x_num_hat, x_next, denoised_next, d, sigma_hat, sigma_next):
+    return torch.ops.diffkern.tabdiff_heun_kernel(
+        *(_unit_columns(t) for t in (x_num_hat, x_next, denoised_next, d)), _table(sigma_hat), _table(sigma_next))
+
+
+def _observe_cpu(z_num, z_cat, x_obs_num, x_obs_cat, num_missing, cat_missing, sigma_next, mask_chance,
+                 num_classes, seed, step, row_start, noise, uniforms):
+    return torch.ops.diffkern.tabdiff_observe_kernel(
+        *(_unit_columns(t) for t in (z_num, z_cat, x_obs_num, x_obs_cat)), num_missing, cat_missing,
+        _table(sigma_next), _table(mask_chance), num_classes, _signed(seed), step, row_start, _grid(noise),
+        _grid(uniforms))
+
+
+def _one_float_dtype(*pairs: tuple[int, str]) -> Callable[..., list[str]]:
+    """A need no dtype declaration expresses: the kernels read these arguments (positions in the
+    reference's signature) with the element type of the first one."""
+    def check(*args, **kwargs) -> list[str]:
+        (i0, first), *rest = pairs
+        return [f"{name} is {args[i].dtype} but {first} is {args[i0].dtype} (the kernel reads both as one type)"
+                for i, name in rest if args[i].dtype != args[i0].dtype]
+    return check
+
+
+def _device_of_first(*args, **kwargs) -> torch.device:
+    return args[0].device
+
+
+NUM_DTYPES = (torch.float32, torch.float64)   # the state's dtypes the compiled kernels take
+_churn_op = Operator("tabdiff_churn", _device_of_first)
+_step_op = Operator("tabdiff_step", _device_of_first)
+_heun_op = Operator("tabdiff_heun", _device_of_first)
+_observe_op = Operator("tabdiff_observe", _device_of_first)
+_guide_op = Operator("tabdiff_guide", _device_of_first)
+_churn_op.register("reference")(churn_reference)
+_step_op.register("reference")(step_reference)
+_heun_op.register("reference")(heun_reference)
+_observe_op.register("reference")(observe_reference)
+_guide_op.register("reference")(guide_reference)
+_churn_op.register("cpu", _churn_cpu, compiled="tabdiff_churn_kernel", dtypes={"x_num": NUM_DTYPES},
+                   finish=_finisher(check_churn_values))
+_step_op.register("cpu", _step_cpu, compiled="tabdiff_step_kernel",
+                  dtypes={"x_num_hat": NUM_DTYPES, "logits": _checks.FLOAT_DTYPES},
+                  check=_one_float_dtype((0, "x_num_hat"), (2, "denoised")), finish=_finisher(check_step_values))
+_heun_op.register("cpu", _heun_cpu, compiled="tabdiff_heun_kernel", dtypes={"x_num_hat": NUM_DTYPES},
+                  check=_one_float_dtype((0, "x_num_hat"), (1, "x_next"), (2, "denoised_next"), (3, "d")),
+                  finish=_finisher(check_heun_values))
+_observe_op.register("cpu", _observe_cpu, compiled="tabdiff_observe_kernel", dtypes={"z_num": NUM_DTYPES},
+                     check=_one_float_dtype((0, "z_num"), (2, "x_obs_num")), finish=_finisher(check_observe_values))
+
+
+# --------------------------------------------------------------------------------------------
+# torch custom ops (checks of the per-column tables and of explicit random numbers; the state's
+# value checks run inside the backends, above)
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("diffkern::tabdiff_churn", mutates_args=())
 def _tabdiff_churn(x_num: Tensor, x_cat: Tensor, sigma_cur: Tensor, sigma_hat: Tensor,
                    remask_chance: Tensor, num_classes: list[int], seed: int, step: int, row_start: int,
                    noise: Optional[Tensor], uniforms: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    B, n = x_num.shape
-    _check_categories("x_cat", x_cat, num_classes)
     _check_probability("remask_chance", remask_chance)
     if bool((sigma_hat < sigma_cur).any()):
         raise ValueError("sigma_hat: every level must be >= sigma_cur (churn only adds noise)")
-    if noise is None:
-        noise = churn_noise(seed, step, row_start, B, n, x_num.device)
-    if uniforms is None:
-        uniforms = remask_uniforms(seed, step, row_start, B, x_cat.shape[1], x_cat.device)
-    else:
+    if uniforms is not None:
         _check_unit("uniforms", uniforms)
-    return _churn_op(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, noise, uniforms)
+    return _churn_op(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, seed, step, row_start,
+                     noise, uniforms)
 
 
 @_tabdiff_churn.register_fake
@@ -244,21 +377,14 @@ def _tabdiff_step(x_num_hat: Tensor, x_cat_hat: Tensor, denoised: Tensor, logits
                   sigma_hat: Tensor, sigma_next: Tensor, num_classes: list[int], alpha_t: Tensor,
                   alpha_s: Tensor, seed: int, step: int, row_start: int,
                   uniforms: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    B = x_num_hat.shape[0]
-    _check_categories("x_cat_hat", x_cat_hat, num_classes)
-    _check_finite("denoised", denoised, f" (the network's output at step {step})")
-    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-        raise ValueError(f"logits: NaN or +inf in the network's output at step {step}")
     _check_probability("alpha_t", alpha_t)
     _check_probability("alpha_s", alpha_s)
     if bool((alpha_s < alpha_t).any()):
         raise ValueError("alpha_s/alpha_t: the next step must be less masked (alpha_s >= alpha_t)")
-    if uniforms is None:
-        uniforms = unmask_uniforms(seed, step, row_start, B, logits.shape[1], logits.device)
-    else:
+    if uniforms is not None:
         _check_unit("uniforms", uniforms)
     return _step_op(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes,
-                    alpha_t, alpha_s, uniforms)
+                    alpha_t, alpha_s, seed, step, row_start, uniforms)
 
 
 @_tabdiff_step.register_fake
@@ -270,7 +396,6 @@ def _(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes
 @torch.library.custom_op("diffkern::tabdiff_heun", mutates_args=())
 def _tabdiff_heun(x_num_hat: Tensor, x_next: Tensor, denoised_next: Tensor, d: Tensor,
                   sigma_hat: Tensor, sigma_next: Tensor) -> Tensor:
-    _check_finite("denoised_next", denoised_next, " (the network's output in the Heun correction)")
     if bool((sigma_next <= 0).any()):
         raise ValueError("sigma_next: the Heun correction needs sigma_next > 0 (skip it at the last step)")
     return _heun_op(x_num_hat, x_next, denoised_next, d, sigma_hat, sigma_next)
@@ -286,18 +411,11 @@ def _tabdiff_observe(z_num: Tensor, z_cat: Tensor, x_obs_num: Tensor, x_obs_cat:
                      num_missing: Tensor, cat_missing: Tensor, sigma_next: Tensor, mask_chance: Tensor,
                      num_classes: list[int], seed: int, step: int, row_start: int,
                      noise: Optional[Tensor], uniforms: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    B, n = z_num.shape
-    m = z_cat.shape[1]
-    _check_categories("x_obs_cat", x_obs_cat, num_classes)
     _check_probability("mask_chance", mask_chance)
     if uniforms is not None:
         _check_unit("uniforms", uniforms)
-    if noise is None or uniforms is None:
-        drawn_noise, drawn_uniforms = observed_noise(seed, step, row_start, B, n, m, z_num.device)
-        noise = drawn_noise if noise is None else noise
-        uniforms = drawn_uniforms if uniforms is None else uniforms
     return _observe_op(z_num, z_cat, x_obs_num, x_obs_cat, num_missing, cat_missing, sigma_next,
-                       mask_chance, num_classes, noise, uniforms)
+                       mask_chance, num_classes, seed, step, row_start, noise, uniforms)
 
 
 @_tabdiff_observe.register_fake
