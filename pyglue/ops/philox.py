@@ -120,7 +120,8 @@ def normals(seed: int, offset: int, tag: int, rows: int, cols: int, *, row_start
 def _fast(variate: str, seed: int, offset: int, tag: int, rows: int, cols: int, row_start: int, device) -> Tensor:
     device = torch.device(device)
     if device.type == "cpu" and _dispatch.has_compiled(f"philox_{variate}"):
-        return getattr(torch.ops.diffkern, f"philox_{variate}")(seed, offset, tag, rows, cols, row_start)
+        signed_seed = seed - 2 ** 64 if seed >= 2 ** 63 else seed   # the op's int64 carries the uint64's bits
+        return getattr(torch.ops.diffkern, f"philox_{variate}")(signed_seed, offset, tag, rows, cols, row_start)
     if device.type == "cuda" and _dispatch.backends()["triton"]:
         from ..kernels import philox as kphilox
         return getattr(kphilox, variate)(seed, offset, tag, rows, cols, row_start=row_start, device=device)

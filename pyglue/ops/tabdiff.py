@@ -89,22 +89,24 @@ def _cols(idx, device) -> Tensor:
     return torch.as_tensor(idx, dtype=torch.int64, device=device).view(1, -1)
 
 
+# The custom ops carry the uint64 seed as the int64 with the same bits (their schema's int is
+# signed); the streams read it back modulo 2**64.
 def churn_noise(seed: int, step: int, row_start: int, B: int, n: int, device="cpu") -> Tensor:
-    return philox.normals(seed, step, _TAG_CHURN, B, n, row_start=row_start, device=device)
+    return philox.normals(seed % 2 ** 64, step, _TAG_CHURN, B, n, row_start=row_start, device=device)
 
 
 # Uniforms come from the compiled Philox when it is built (the same bits: tests/test_philox.py); the
 # unmask race needs B x L of them per step, a quarter of a reference sampler step in torch ops.
 def remask_uniforms(seed: int, step: int, row_start: int, B: int, m: int, device="cpu") -> Tensor:
-    return philox.fast_uniforms(seed, step, _TAG_REMASK, B, m, row_start=row_start, device=device)
+    return philox.fast_uniforms(seed % 2 ** 64, step, _TAG_REMASK, B, m, row_start=row_start, device=device)
 
 
 def unmask_uniforms(seed: int, step: int, row_start: int, B: int, L: int, device="cpu") -> Tensor:
-    return philox.fast_uniforms(seed, step, _TAG_UNMASK, B, L, row_start=row_start, device=device)
+    return philox.fast_uniforms(seed % 2 ** 64, step, _TAG_UNMASK, B, L, row_start=row_start, device=device)
 
 
 def observed_noise(seed: int, step: int, row_start: int, B: int, n: int, m: int, device="cpu"):
-    rows = _rows(B, row_start, device)
+    rows, seed = _rows(B, row_start, device), seed % 2 ** 64
     return (philox.normal(seed, step, _TAG_OBSERVED, rows, _cols(range(n), device)),
             philox.uniform(seed, step, _TAG_OBSERVED, rows, _cols(range(n, n + m), device)))
 
@@ -279,23 +281,18 @@ def _unit_columns(x: Tensor) -> Tensor:
     return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _signed(seed: int) -> int:
-    """A uint64 seed as the int64 with the same bits (the C++ side reads it back as uint64)."""
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
-
-
 def _churn_cpu(x_num, x_cat, sigma_cur, sigma_hat, remask_chance, num_classes, seed, step, row_start, noise,
                uniforms):
     return torch.ops.diffkern.tabdiff_churn_kernel(
         _unit_columns(x_num), _unit_columns(x_cat), _table(sigma_cur), _table(sigma_hat), _table(remask_chance),
-        num_classes, _signed(seed), step, row_start, _grid(noise), _grid(uniforms))
+        num_classes, seed, step, row_start, _grid(noise), _grid(uniforms))
 
 
 def _step_cpu(x_num_hat, x_cat_hat, denoised, logits, sigma_hat, sigma_next, num_classes, alpha_t, alpha_s,
               seed, step, row_start, uniforms):
     return torch.ops.diffkern.tabdiff_step_kernel(
         _unit_columns(x_num_hat), _unit_columns(x_cat_hat), _unit_columns(denoised), _unit_columns(logits),
-        _table(sigma_hat), _table(sigma_next), num_classes, _table(alpha_t), _table(alpha_s), _signed(seed), step,
+        _table(sigma_hat), _table(sigma_next), num_classes, _table(alpha_t), _table(alpha_s), seed, step,
         row_start, _grid(uniforms))
 
 
@@ -308,7 +305,7 @@ def _observe_cpu(z_num, z_cat, x_obs_num, x_obs_cat, num_missing, cat_missing, s
                  num_classes, seed, step, row_start, noise, uniforms):
     return torch.ops.diffkern.tabdiff_observe_kernel(
         *(_unit_columns(t) for t in (z_num, z_cat, x_obs_num, x_obs_cat)), num_missing, cat_missing,
-        _table(sigma_next), _table(mask_chance), num_classes, _signed(seed), step, row_start, _grid(noise),
+        _table(sigma_next), _table(mask_chance), num_classes, seed, step, row_start, _grid(noise),
         _grid(uniforms))
 
 
@@ -479,7 +476,12 @@ def _key(seed: int, step: int, row_start: int) -> tuple[int, int, int]:
     if step >= philox.MAX_OFFSET:
         raise ValueError(f"step: expected < 2**60, got {step}")
     row_start = _checks.integer("row_start", row_start, 0)
-    return seed, step, row_start
+    return _signed(seed), step, row_start
+
+
+def _signed(seed: int) -> int:
+    """A uint64 seed as the int64 with the same bits (what the custom ops' schema can carry)."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 def _explicit(name: str, x: Optional[Tensor], shape: tuple, device) -> Optional[Tensor]:
