@@ -11,12 +11,22 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "diffkern/philox.h"
 #include "diffkern/tabdiff.h"
+#include "diffkern/vec_math.h"
+
+// The race's vector loops are compiled per ISA and picked at load time (GCC's ifunc clones).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DK_SIMD_CLONES
+#endif
 
 namespace diffkern {
 namespace {
@@ -143,6 +153,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tabdiff_churn_kernel(
 // step: Euler update of the numerical cells, unmask race of the masked categorical cells
 // ---------------------------------------------------------------------------------------------
 
+// One row's unmask races, vectorised over runs of adjacent masked segments (on Adult's 9 columns
+// a segment averages 12 slots, too short for vector loops on its own; a fully masked row is one
+// run of L = 113). The math and order of tabdiff::unmask_draw, with vec::exp/log in place of
+// libm's, so a draw can differ from the reference's only when two race keys of one cell lie
+// within an ulp of each other.
+struct Cell {     // a masked cell: its segment and the step's unmask weights
+  int64_t column, offset, K;
+  double alpha_t, alpha_s;
+};
+struct Run {      // adjacent masked segments: slots [start, start + length) of the row
+  int64_t start, length;
+};
+struct RowScratch {  // per-slot arrays of one row, O(L) per task (never O(B L))
+  std::vector<double> logit, uniform, shift, log_sum, gap, key;
+  std::vector<Cell> cells;
+  std::vector<Run> runs;
+  explicit RowScratch(int64_t L) : logit(L), uniform(L), shift(L), log_sum(L), gap(L), key(L) {}
+};
+
+// Random numbers, race denominators and softmax terms of every masked slot: the vector loops.
+DK_SIMD_CLONES void race_vector_pass(const Run* runs, int64_t num_runs, const double* DK_RESTRICT logit,
+                                     double* DK_RESTRICT uniform, const double* DK_RESTRICT shift,
+                                     double* DK_RESTRICT key, Key k, uint32_t row, bool draw_uniforms) {
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t s0 = runs[r].start, n = runs[r].length;
+    if (draw_uniforms) vec::philox_uniforms(k.seed, k.step, tabdiff::kTagUnmask, row, static_cast<uint32_t>(s0), n,
+                                            uniform + s0);
+#pragma omp simd
+    for (int64_t s = s0; s < s0 + n; ++s) {
+      uniform[s] = tabdiff::kRaceEps - vec::log_positive(uniform[s] + tabdiff::kRaceEps);  // race denominator
+      key[s] = vec::exp_nonpositive(logit[s] - shift[s]);                                  // softmax numerator
+    }
+  }
+}
+
+DK_SIMD_CLONES void race_key_pass(const Run* runs, int64_t num_runs, const double* DK_RESTRICT logit,
+                                  const double* DK_RESTRICT denominator, const double* DK_RESTRICT shift,
+                                  const double* DK_RESTRICT log_sum, const double* DK_RESTRICT gap,
+                                  double* DK_RESTRICT key) {
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t s0 = runs[r].start, n = runs[r].length;
+#pragma omp simd
+    for (int64_t s = s0; s < s0 + n; ++s)  // q / (eps - log(u + eps)), q = exp(log_softmax) * gap
+      key[s] = vec::exp_nonpositive((logit[s] - shift[s]) - log_sum[s]) * gap[s] / denominator[s];
+  }
+}
+
+// Draws of the row's masked cells into out (-1: a bad segment, counted by the caller).
+template <typename Logit>
+void race_row(const Logit* row_logits, const double* explicit_uniforms, Key k, uint32_t row, RowScratch& w,
+              int64_t* out_draw) {
+  double *logit = w.logit.data(), *uniform = w.uniform.data(), *shift = w.shift.data();
+  double *log_sum = w.log_sum.data(), *gap = w.gap.data(), *key = w.key.data();
+  for (const Cell& c : w.cells) {  // logits in double, bad values, the max class logit (the shift)
+    double max_logit = -INFINITY;
+    bool bad = false;
+    for (int64_t q = 0; q <= c.K; ++q) {
+      const double v = tabdiff::as_double(row_logits[c.offset + q]);
+      logit[c.offset + q] = v;
+      bad |= std::isnan(v) || v == INFINITY;
+      if (q < c.K) max_logit = std::fmax(max_logit, v);
+    }
+    bad |= max_logit == -INFINITY;
+    const double s = bad ? 0.0 : max_logit;
+    std::fill(shift + c.offset, shift + c.offset + c.K, s);
+    shift[c.offset + c.K] = logit[c.offset + c.K];  // the MASK slot's softmax terms are never used
+    if (bad) logit[c.offset] = NAN;                 // marks the cell for the draw below
+    if (explicit_uniforms)
+      std::copy(explicit_uniforms + c.offset, explicit_uniforms + c.offset + c.K + 1, uniform + c.offset);
+  }
+  race_vector_pass(w.runs.data(), w.runs.size(), logit, uniform, shift, key, k, row, explicit_uniforms == nullptr);
+  for (const Cell& c : w.cells) {
+    double sum = 0.0;
+    for (int64_t q = 0; q < c.K; ++q) sum += key[c.offset + q];
+    std::fill(log_sum + c.offset, log_sum + c.offset + c.K + 1, std::log(sum));
+    std::fill(gap + c.offset, gap + c.offset + c.K + 1, c.alpha_s - c.alpha_t);
+  }
+  race_key_pass(w.runs.data(), w.runs.size(), logit, uniform, shift, log_sum, gap, key);
+  for (const Cell& c : w.cells) {  // the first maximum in index order, MASK (slot K) last
+    if (std::isnan(logit[c.offset])) {
+      out_draw[c.column] = -1;
+      continue;
+    }
+    int64_t best = c.K;
+    double best_key = (1.0 - c.alpha_s) / uniform[c.offset + c.K];
+    for (int64_t q = 0; q < c.K; ++q) {
+      const double kq = key[c.offset + q];
+      if (kq > best_key || (kq == best_key && best == c.K)) {
+        best_key = kq;
+        best = q;
+      }
+    }
+    out_draw[c.column] = best;
+  }
+}
+
 template <typename T, typename Logit>
 void step_rows(const at::Tensor& x_hat, const at::Tensor& c_hat, const at::Tensor& denoised, const at::Tensor& logits,
                at::Tensor& x_next, at::Tensor& c_next, at::Tensor& slope, const double* sigma_hat,
@@ -158,6 +264,7 @@ void step_rows(const at::Tensor& x_hat, const at::Tensor& c_hat, const at::Tenso
   int64_t* co = c_next.data_ptr<int64_t>();
   const int64_t xs = x_hat.stride(0), ds = denoised.stride(0), cs = c_hat.stride(0), ls = logits.stride(0);
   at::parallel_for(0, B, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    RowScratch scratch(L);
     int64_t bad_cat = 0, bad_den = 0, bad_logit = 0;
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < n; ++i) {
@@ -168,22 +275,28 @@ void step_rows(const at::Tensor& x_hat, const at::Tensor& c_hat, const at::Tenso
                                                              sigma_next[i], d));
         dout[b * n + i] = static_cast<T>(d);
       }
-      const uint32_t row = static_cast<uint32_t>(key.row_start + b);
+      scratch.cells.clear();
+      scratch.runs.clear();
       for (int64_t j = 0; j < m; ++j) {
         const int64_t v = c[b * cs + j], K = num_classes[j];
-        if (v != K) {  // decoded earlier: copied (the copy flag)
+        co[b * m + j] = v;
+        if (v != K) {  // decoded earlier: copied (the copy flag); no random numbers drawn
           bad_cat += v < 0 || v > K;
-          co[b * m + j] = v;
           continue;
         }
-        const int64_t off = offsets[j];
-        const double* u_row = uniforms ? uniforms + b * L + off : nullptr;
-        const int64_t draw = tabdiff::unmask_draw(lg + b * ls + off, K, alpha_t[j], alpha_s[j], [&](int64_t k) {
-          return u_row ? u_row[k]
-                       : philox::uniform(key.seed, key.step, tabdiff::kTagUnmask, row, static_cast<uint32_t>(off + k));
-        });
-        bad_logit += draw < 0;
-        co[b * m + j] = draw < 0 ? K : draw;
+        scratch.cells.push_back({j, offsets[j], K, alpha_t[j], alpha_s[j]});
+        if (!scratch.runs.empty() && scratch.runs.back().start + scratch.runs.back().length == offsets[j])
+          scratch.runs.back().length += K + 1;
+        else
+          scratch.runs.push_back({offsets[j], K + 1});
+      }
+      if (scratch.cells.empty()) continue;
+      race_row(lg + b * ls, uniforms ? uniforms + b * L : nullptr, key, static_cast<uint32_t>(key.row_start + b),
+               scratch, co + b * m);
+      for (const Cell& cell : scratch.cells) {
+        const bool bad = co[b * m + cell.column] < 0;
+        bad_logit += bad;
+        if (bad) co[b * m + cell.column] = cell.K;
       }
     }
     status.add(tabdiff::kBadCategory, bad_cat);
