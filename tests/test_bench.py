@@ -334,8 +334,9 @@ def test_the_official_style_eager_step_is_the_reference_step():
     levels = _official_levels(n, m, sc_next=1.0)
     levels["sc_hat"] = levels["sc_cur"]                              # no re-masking
     _, kept, _ = eager(x_num, x_cat, denoised, logits, *levels.values(), generator=torch.Generator().manual_seed(6))
-    decoded = x_cat < torch.tensor(K)
-    assert torch.equal(kept[decoded], x_cat[decoded]) and bool((kept[~decoded] == torch.tensor(K).expand(B, -1)[~decoded]).any())
+    mask = torch.tensor(K).expand(B, -1)
+    decoded = x_cat < mask
+    assert torch.equal(kept[decoded], x_cat[decoded]) and bool((kept[~decoded] == mask[~decoded]).any())
     assert bool(((kept >= 0) & (kept <= torch.tensor(K))).all())
 
 

@@ -9,8 +9,9 @@ implementation: median time (and the repeats' min..max, the row's own noise), sp
 baseline (the reference) and over ``torch.compile`` of it, effective GB/s and the fraction of the
 device's limit *measured in the same run* (see :mod:`.devices`), elements/s, and the max error
 against the baseline (or the case's ``error_baseline``). A self-timed case (a whole run, once, in
-a fresh process) reports its own timing and extra figures (the JSON row's ``details``). Shared machines drift, so compare ratios within one run, or two runs with
-``diffkern bench --compare`` (which judges each row against its repeat spread).
+a fresh process) reports its own timing and extra figures (the JSON row's ``details``). Shared
+machines drift, so compare ratios within one run, or two runs with ``diffkern bench --compare``
+(which judges each row against its repeat spread).
 """
 
 from __future__ import annotations

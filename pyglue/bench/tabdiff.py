@@ -397,8 +397,8 @@ def _sample_case(rows: int, steps: Optional[int], device: str, label: str, impls
     if device != "cpu":
         why = "the TabDiff sampler keeps its state on the CPU (no device argument); --device cpu times it"
         skipped = {name: why for name in impls}
-    elif _missing_extra():
-        skipped = {name: _missing_extra() for name in impls}
+    elif (missing := _missing_extra()) is not None:
+        skipped = {name: missing for name in impls}
     return Case(op=SAMPLE_OP, label=label, impls=calls, skipped=skipped, baseline="reference", compiled=None,
                 bytes_moved=0, elements=rows, self_timed=True)
 
