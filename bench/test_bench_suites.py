@@ -16,9 +16,10 @@ def _impls():
         for case in suite_cases(suite, quick=True):
             for name, fn in {**case.impls, **case.extra}.items():
                 if not name.startswith("torch.compile") and name not in case.skipped:
-                    yield pytest.param(fn, id=f"{case.op}|{case.label}|{name}")
+                    yield pytest.param(fn, case.self_timed, id=f"{case.op}|{case.label}|{name}")
 
 
-@pytest.mark.parametrize("fn", list(_impls()))
-def test_bench(benchmark, fn):
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+@pytest.mark.parametrize("fn, self_timed", list(_impls()))
+def test_bench(benchmark, fn, self_timed):
+    # a self-timed case (a whole sample() in a fresh process) runs once: it times itself
+    benchmark.pedantic(fn, rounds=1 if self_timed else 5, warmup_rounds=0 if self_timed else 1, iterations=1)

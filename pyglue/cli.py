@@ -15,6 +15,8 @@ what a run needs (peak RSS measured on a shared 2-core, 24 GiB CPU machine; see 
   full run   5.2 GB of memory and 7-16 min, mostly the slow plain-torch baselines
              (float64 reference, eager softmaxes over [K, W, V]) on the full-size shapes
   --quick    0.75 GB and about 30 s: small shapes, no torch.compile rows
+  the tabdiff suite's whole-sample rows run one 32,561-row sample() per backend, each in a
+  fresh process (a few minutes each; --quick: 500 rows, 5 steps)
 
 devices: --device cpu times the cpu backend with the host clock against the streaming-read
 probe; --device cuda times the cuda and triton backends (and torch.compile of the reference)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import diffkern
 from diffkern import cli
 from diffkern.bench import SUITES, compare, devices, harness, plot, suite_plan
 
@@ -254,3 +255,121 @@ def test_plot_has_a_speedup_and_a_limit_panel_per_operator(tmp_path):
     assert fig.axes[0].get_yticklabels()[3].get_color() == plot.FAST_COLOUR      # the fast backend stands out
     plt.close(fig)
     assert plot.write_plot(report, str(tmp_path / "p.png")) is None and (tmp_path / "p.png").stat().st_size > 0
+
+
+# ---- self-timed cases and a separate error baseline (the harness side of the tabdiff suite) ----
+
+def test_self_timed_cases_report_their_own_timing_and_details():
+    def measured(seconds, value):
+        return lambda: harness.Measured(devices.Timing(seconds, seconds, seconds, 1), torch.tensor([value]),
+                                        note=f"ran {seconds} s", details={"sample": {"wall_s": seconds}})
+
+    case = harness.Case(op="whole", label="run", impls={"reference": measured(2.0, 1.0), "cpu": measured(0.5, 1.5)},
+                        bytes_moved=0, elements=100, compiled=None, self_timed=True)
+    rows = {r.impl: r for r in harness.run_case(case, limit_gbps=10.0, skip_compiled=True)}
+    assert rows["cpu"].median_ms == pytest.approx(500.0) and rows["cpu"].repeats == 1
+    assert rows["cpu"].speedup_vs_baseline == pytest.approx(4.0) and rows["cpu"].max_rel_err == pytest.approx(0.5)
+    assert rows["cpu"].note == "ran 0.5 s" and rows["cpu"].details == {"sample": {"wall_s": 0.5}}
+    assert rows["cpu"].elements_per_s == pytest.approx(200.0) and rows["cpu"].gbps != rows["cpu"].gbps   # no bytes: NaN
+
+
+def test_errors_can_compare_against_another_impl_than_the_speedup_baseline():
+    x = torch.arange(4.0)
+    case = harness.Case(op="op", label="s", bytes_moved=16, elements=4, baseline="eager", compiled=None,
+                        impls={"eager": lambda: x * 7, "reference": lambda: x, "cpu": lambda: x * 1.5},
+                        error_baseline="reference", no_error={"eager": "another generator"})
+    rows = {r.impl: r for r in harness.run_case(case, limit_gbps=10.0, skip_compiled=True)}
+    assert rows["eager"].max_rel_err is None and rows["eager"].note == "error n/a: another generator"
+    assert rows["reference"].max_rel_err == 0.0 and rows["cpu"].max_rel_err == pytest.approx(0.5)
+    assert rows["cpu"].baseline == "eager"
+
+
+# ---- the tabdiff suite ------------------------------------------------------------------------
+
+def test_the_tabdiff_suite_plans_and_builds_in_quick_mode():
+    from diffkern.bench import tabdiff as tb
+
+    plans = suite_plan("tabdiff", quick=True)
+    assert [p.op for p in plans] == [tb.STEP_OP, tb.STEP_OP, tb.SAMPLE_OP]
+    assert "all masked" in plans[0].label and "half masked" in plans[1].label and "L=113" in plans[0].label
+    assert plans[0].impls[:3] == ("eager", "torch.compile(eager)", "reference") and plans[2].impls[0] == "reference"
+    step, sample = harness._build(plans[1]), harness._build(plans[2])     # building runs nothing
+    assert (step.baseline, step.compiled, step.error_baseline) == ("eager", "torch.compile(eager)", "reference")
+    assert step.elements == 500 * (6 + 113) and set(step.no_error) == {"eager", "torch.compile(eager)"}
+    assert sample.self_timed and sample.baseline == "reference" and sample.compiled is None
+    rows = harness.run_case(step, limit_gbps=10.0, skip_compiled=True)      # quick shapes: a second
+    assert {r.impl: r.max_rel_err for r in rows}["reference"] == 0.0
+    assert all(r.note == "skipped (--quick)" for r in rows if r.impl.startswith("torch.compile"))
+
+
+def _official_levels(n, m, sc_next):
+    sigma = torch.linspace(1.0, 3.0, n)
+    sc = torch.full((m,), 2.0)
+    return dict(sigma_cur=sigma, sigma_hat=sigma * 1.02, sigma_next=sigma * 0.8, sc_cur=sc, sc_hat=sc * 1.05,
+                sc_next=torch.full((m,), sc_next))
+
+
+def test_the_official_style_eager_step_is_the_reference_step():
+    """Valid categories, no MASK left when alpha_s = 1, and the reference's Euler output given the same noise."""
+    from diffkern.bench import tabdiff as tb
+
+    K = list(tb.ADULT_K)
+    B, n, m = 400, tb.ADULT_N, len(K)
+    x_num, x_cat, denoised, logits = tb.step_inputs(B, "half masked", seed=3)
+    noise = torch.randn(B, n, generator=torch.Generator().manual_seed(4))
+    levels = _official_levels(n, m, sc_next=0.0)                     # the last step: alpha_s = exp(0) = 1
+    eager = tb.OfficialStyleStep(K)
+    x_next, x_cat_next, d = eager(x_num, x_cat, denoised, logits, *levels.values(), noise=noise,
+                                  generator=torch.Generator().manual_seed(5))
+    assert bool(((x_cat_next >= 0) & (x_cat_next < torch.tensor(K))).all())          # no MASK, no padding slot
+    t = tb.fused_tables(levels)
+    with diffkern.use_backend("reference"):
+        x_hat, _ = diffkern.ops.tabdiff_churn(x_num, x_cat, t["sigma_cur"], t["sigma_hat"], t["remask"], K,
+                                              seed=0, step=0, noise=noise)
+        ref_next, _, ref_d = diffkern.ops.tabdiff_step(x_hat, x_cat, denoised, logits, t["sigma_hat"], t["sigma_next"],
+                                                       K, t["alpha_t"], t["alpha_s"], seed=0, step=0)
+    torch.testing.assert_close(x_next, ref_next, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d, ref_d, rtol=1e-5, atol=1e-5)
+    # mid-sampling: cells it does not re-mask keep their value, some masked cells stay masked
+    levels = _official_levels(n, m, sc_next=1.0)
+    levels["sc_hat"] = levels["sc_cur"]                              # no re-masking
+    _, kept, _ = eager(x_num, x_cat, denoised, logits, *levels.values(), generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor(K).expand(B, -1)
+    decoded = x_cat < mask
+    assert torch.equal(kept[decoded], x_cat[decoded]) and bool((kept[~decoded] == mask[~decoded]).any())
+    assert bool(((kept >= 0) & (kept <= torch.tensor(K))).all())
+
+
+def test_the_time_split_is_exclusive_and_adds_up(monkeypatch):
+    from diffkern.bench import tabdiff as tb
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(tb.time, "perf_counter", lambda: float(next(ticks)))
+    split = tb.TimeSplit()
+    inner = split.wrap("step ops", "op", lambda: None)
+    outer = split.wrap("network", "network", lambda: inner())
+    outer()                                                          # ticks 0 .. 3: outer 2, inner 1
+    assert dict(split.seconds) == {"network": 2.0, "step ops": 1.0} and split.calls == {"network": 1, "op": 1}
+    shares = tb.split_shares(4.0, split.seconds)
+    assert shares["seconds"]["rest"] == 1.0 and sum(shares["percent"].values()) == pytest.approx(100.0)
+
+
+def test_the_sample_split_report_adds_up_to_100_percent():
+    pytest.importorskip("pandas")
+    pytest.importorskip("safetensors")
+    from diffkern import ops
+    from diffkern.bench import report, tabdiff as tb
+
+    original = ops.tabdiff_step
+    result = tb.measure_sample("reference", rows=12, steps=3)         # in this process: a second
+    assert ops.tabdiff_step is original                                # the wrappers are removed
+    assert result["calls"] == {"network": 5, "tabdiff_churn": 3, "tabdiff_step": 3, "tabdiff_heun": 2}
+    assert sum(result["percent"].values()) == pytest.approx(100.0)
+    assert all(v >= 0 for v in result["seconds"].values()) and result["peak_rss_mb"] > 0
+    assert tuple(result["x_num"].shape) == (12, 6)
+    note = tb.sample_note(result)
+    assert note.startswith("network ") and "step ops" in note and "peak RSS" in note
+    row = {"op": tb.SAMPLE_OP, "impl": "reference", "details": {"sample": {k: v for k, v in result.items()
+                                                                            if k != "x_num"}}}
+    table = report._sample_split_table([row])
+    assert len(table) == 4 and "network %" in table[1] and table[3].startswith(tb.SAMPLE_OP)

@@ -20,6 +20,7 @@ def register_suite(name: str, module: str) -> None:
 
 register_suite("chebyshev", "diffkern.bench.chebyshev")
 register_suite("poe", "diffkern.bench.poe")
+register_suite("tabdiff", "diffkern.bench.tabdiff")
 
 
 def suite_plan(name: str, quick: bool, device: str = "cpu") -> list:

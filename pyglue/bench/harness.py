@@ -8,8 +8,10 @@ Each case times several implementations of one operator on one shape and reports
 implementation: median time (and the repeats' min..max, the row's own noise), speed-up over the
 baseline (the reference) and over ``torch.compile`` of it, effective GB/s and the fraction of the
 device's limit *measured in the same run* (see :mod:`.devices`), elements/s, and the max error
-against the baseline. Shared machines drift, so compare ratios within one run, or two runs with
-``diffkern bench --compare`` (which judges each row against its repeat spread).
+against the baseline (or the case's ``error_baseline``). A self-timed case (a whole run, once, in
+a fresh process) reports its own timing and extra figures (the JSON row's ``details``). Shared
+machines drift, so compare ratios within one run, or two runs with ``diffkern bench --compare``
+(which judges each row against its repeat spread).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .devices import DEVICE_BACKENDS, BenchDevice, bench_device, stream_read_bandwidth, time_call
+from .devices import DEVICE_BACKENDS, BenchDevice, Timing, bench_device, stream_read_bandwidth, time_call
 
 COMPILED_PREFIX = "torch.compile"
 
@@ -35,7 +37,12 @@ class Case:
     """One operator on one shape. ``impls`` and ``extra`` map names to zero-argument callables
     returning a tensor or a tuple whose first tensor is compared; ``extra`` rows are reference
     points (e.g. ``torch.exp`` over the same tensor): timed and reported, not error-checked.
-    ``skipped`` maps impl names that cannot run here to the reason their row will show."""
+    ``skipped`` maps impl names that cannot run here to the reason their row will show.
+
+    The error column compares each output with ``error_baseline``'s (default: the baseline);
+    ``no_error`` names the impls whose outputs cannot be compared, with why (their note says it).
+    A ``self_timed`` case's impls time themselves (e.g. one whole run in a fresh process): each is
+    called once and returns a :class:`Measured`."""
 
     op: str
     label: str
@@ -46,9 +53,23 @@ class Case:
     compiled: Optional[str] = "torch.compile(reference)"
     extra: dict[str, Callable] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    error_baseline: Optional[str] = None
+    no_error: dict[str, str] = dataclasses.field(default_factory=dict)
+    self_timed: bool = False
 
     def row_names(self) -> list[str]:
         return list(self.impls) + list(self.extra)
+
+
+@dataclasses.dataclass
+class Measured:
+    """What an impl of a ``self_timed`` case returns: its own timing, the output compared with the
+    error baseline's (None: no error), a note for its row and ``details`` for the JSON row."""
+
+    timing: Timing
+    output: object = None
+    note: str = ""
+    details: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +100,7 @@ class Row:
     max_ms: float = float("nan")
     repeats: int = 0
     baseline: str = ""              # the impl that speedup_vs_baseline divides by
+    details: dict = dataclasses.field(default_factory=dict)   # a self-timed impl's own figures
 
 
 # ---- which backends a case times ------------------------------------------------------------
@@ -150,15 +172,23 @@ def _max_rel_err(out, ref) -> float:
 
 
 def _timing_order(case: Case) -> list[str]:
-    # baseline first: its output is the yardstick of the others' errors
-    return [case.baseline] + [n for n in case.impls if n != case.baseline] + list(case.extra)
+    # the error baseline first: its output is the yardstick of the others' errors
+    first = [case.error_baseline or case.baseline, case.baseline]
+    return list(dict.fromkeys(first + list(case.impls))) + list(case.extra)
+
+
+def _time(case: Case, fn: Callable, clock) -> tuple[Timing, object, str, dict]:
+    if not case.self_timed:
+        return (*time_call(fn, clock), "", {})
+    measured = fn()
+    return measured.timing, measured.output, measured.note, measured.details
 
 
 def run_case(case: Case, limit_gbps: float, skip_compiled: bool, progress=None,
              device: Optional[BenchDevice] = None) -> list[Row]:
     device = device or bench_device("cpu")
-    timings, errors, notes = {}, {}, {}
-    baseline_out = None
+    timings, errors, notes, details = {}, {}, {}, {}
+    yardstick, yardstick_out = case.error_baseline or case.baseline, None
     callables = {**case.impls, **case.extra}
     for name in _timing_order(case):
         if progress is not None:
@@ -169,27 +199,30 @@ def run_case(case: Case, limit_gbps: float, skip_compiled: bool, progress=None,
             notes[name] = "skipped (--quick)"
         else:
             try:
-                timings[name], out = time_call(callables[name], device.clock)
-                if name == case.baseline:
-                    baseline_out = out
-                if name not in case.extra and baseline_out is not None:
-                    errors[name] = _max_rel_err(out, baseline_out)
+                timings[name], out, notes[name], details[name] = _time(case, callables[name], device.clock)
+                if name == yardstick:
+                    yardstick_out = out
+                if name in case.no_error:
+                    notes[name] = "; ".join(filter(None, (notes[name], f"error n/a: {case.no_error[name]}")))
+                elif name not in case.extra and yardstick_out is not None and out is not None:
+                    errors[name] = _max_rel_err(out, yardstick_out)
                 del out
             except Exception as exc:  # report a failing implementation as a row, never hide it
                 notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         if progress is not None:
             progress.update(1)
-    return [_row(case, name, timings, errors.get(name), notes.get(name, ""), limit_gbps, device.name)
-            for name in case.row_names()]
+    return [_row(case, name, timings, errors.get(name), notes.get(name, ""), limit_gbps, device.name,
+                 details.get(name, {})) for name in case.row_names()]
 
 
-def _row(case: Case, name: str, timings: dict, error, note: str, limit_gbps: float, device: str) -> Row:
+def _row(case: Case, name: str, timings: dict, error, note: str, limit_gbps: float, device: str,
+         details: dict) -> Row:
     nan = float("nan")
     t = timings.get(name)
     base = timings.get(case.baseline)
     comp = timings.get(case.compiled) if case.compiled else None
     ratio_ok = t is not None and name not in case.extra
-    gbps = case.bytes_moved / t.median_s / 1e9 if t else nan
+    gbps = case.bytes_moved / t.median_s / 1e9 if t and case.bytes_moved else nan
     return Row(op=case.op, label=case.label, impl=name,
                median_ms=t.median_s * 1e3 if t else nan,
                speedup_vs_baseline=base.median_s / t.median_s if ratio_ok and base else None,
@@ -198,7 +231,7 @@ def _row(case: Case, name: str, timings: dict, error, note: str, limit_gbps: flo
                elements_per_s=case.elements / t.median_s if t else nan,
                max_rel_err=error, note=note, device=device,
                min_ms=t.min_s * 1e3 if t else nan, max_ms=t.max_s * 1e3 if t else nan,
-               repeats=t.repeats if t else 0, baseline=case.baseline)
+               repeats=t.repeats if t else 0, baseline=case.baseline, details=details)
 
 
 def _unrun_rows(plan: CasePlan, note: str, device: str) -> list[Row]:

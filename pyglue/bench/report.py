@@ -47,7 +47,32 @@ def format_table(report: dict) -> str:
 
     out = [_header(machine), fmt_line(cols), fmt_line(["-" * w for w in widths])]
     out += [fmt_line(line) for line in lines]
-    return "\n".join(out)
+    split = _sample_split_table(report["rows"])
+    return "\n".join(out + ([""] + split if split else []))
+
+
+def _sample_split_table(rows: list) -> list[str]:
+    """Rows that timed a whole sample() (``details["sample"]``): wall time split and peak memory."""
+    timed = [r for r in rows if (r.get("details") or {}).get("sample")]
+    if not timed:
+        return []
+    cols = ("op", "impl", "rows", "steps", "wall s", "network %", "step ops %", "rest %", "peak RSS MB",
+            "grew MB")
+    lines = []
+    for r in timed:
+        s = r["details"]["sample"]
+        p = s["percent"]
+        lines.append((r["op"], r["impl"], str(s["rows"]), str(s["steps"]), _fmt(s["wall_s"], ".1f"),
+                      _fmt(p["network"], ".1f"), _fmt(p["step ops"], ".1f"), _fmt(p["rest"], ".1f"),
+                      _fmt(s["peak_rss_mb"], ".0f"), _fmt(s["rss_growth_mb"], ".0f")))
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+
+    def fmt_line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    title = ("whole sample(), one run per backend in a fresh process: wall time split into the network, "
+             "the tabdiff_* step operators and the rest; peak RSS of that process (grew: during the timed sample)")
+    return [title, fmt_line(cols), fmt_line(["-" * w for w in widths])] + [fmt_line(line) for line in lines]
 
 
 def write_json(report: dict, path: str) -> None:
