@@ -244,3 +244,29 @@ def test_cpu_step_allocates_no_random_number_buffers():
         reference = _allocated_bytes(lambda: diffkern.ops.tabdiff_step(*args, seed=0, step=3))
     assert max(fused) <= outputs, sorted(fused)[-5:]
     assert max(reference) >= B * 113 * 8      # the probe sees the reference's [B, L] uniforms (it can fail)
+
+
+@pytest.mark.parametrize("backend", backends_of("tabdiff_step"))
+def test_opcheck_and_compile(backend):
+    """The custom ops' schemas, fake kernels and autograd registration (torch.library.opcheck),
+    and one fused-step graph under torch.compile(fullgraph=True) giving the eager result."""
+    need(backend)
+    if backend == "triton":
+        pytest.skip("opcheck moves nothing to the Triton device; the triton rows above cover the backend")
+    p = _problem(B=20, n=6, K=ADULT_K)
+    ops = torch.ops.diffkern
+    step_args = (p["x_num"], p["x_cat"], p["denoised"], p["logits"], p["sigma_hat"], p["sigma_next"], p["K"],
+                 p["alpha_t"], p["alpha_s"])
+    missing = torch.rand(p["x_cat"].shape) < 0.5
+    with diffkern.use_backend(backend):
+        torch.library.opcheck(ops.tabdiff_churn.default, (p["x_num"], p["x_cat"], p["sigma"], p["sigma_hat"],
+                                                          p["remask"], p["K"], 3, 2, 0, None, None))
+        torch.library.opcheck(ops.tabdiff_step.default, (*step_args, 3, 2, 0, None))
+        torch.library.opcheck(ops.tabdiff_heun.default, (p["x_num"], p["x_num"], p["denoised"], p["x_num"],
+                                                         p["sigma_hat"], p["sigma_next"]))
+        torch.library.opcheck(ops.tabdiff_observe.default, (p["x_num"], p["x_cat"], p["x_num"], p["x_cat"],
+                                                            p["x_num"] > 0, missing, p["sigma_next"], p["remask"],
+                                                            p["K"], 3, 2, 0, None, None))
+        compiled = torch.compile(lambda *a: diffkern.ops.tabdiff_step(*a, seed=3, step=2), fullgraph=True)
+        for got, want in zip(compiled(*step_args), diffkern.ops.tabdiff_step(*step_args, seed=3, step=2)):
+            assert torch.equal(got, want)
