@@ -6,8 +6,10 @@
     u = uniform(seed, offset, tag, row, col)   # float64 in (0, 1)
     z = normal(seed, offset, tag, row, col)    # float64 standard normal (Box-Muller)
 
-``seed`` (< 2^63), ``offset`` (< 2^60) and ``tag`` (< 16) are scalars, ``row`` and ``col`` integer
-tensors of one shape. Key = seed; counter = (col, row, offset_lo32, offset_hi28 | tag << 28); the
+``seed`` (a uint64 < 2^64, or the int64 with its bits: negative for seeds >= 2^63, as diffkern's
+op schemas carry it; ``.to(tl.uint64)`` reinterprets the bits, sign-extending an int32-typed small
+negative one, so both spellings give one key), ``offset`` (< 2^60) and ``tag`` (< 16) are scalars,
+``row`` and ``col`` integer tensors of one shape. Key = seed; counter = (col, row, offset_lo32, offset_hi28 | tag << 28); the
 round function is Random123's Philox-4x32-10 (that of ``tl.philox``), written out here so it can
 be read against the spec. ``uniforms`` / ``normals`` fill a ``[rows, cols]`` grid with them (what
 ``diffkern.ops.philox.fast_uniforms`` runs on CUDA tensors).

@@ -8,7 +8,7 @@ from scipy import stats
 import diffkern
 from diffkern.ops import philox, poe_draft, poe_verify
 
-from conftest import available, backends_of, need
+from conftest import TRITON_DEVICE, available, backends_of, need
 
 
 def test_known_answer():
@@ -147,3 +147,15 @@ def test_triton_helper_matches_the_spec(key):
     u, z = _draw_at(seed, offset, tag, r, c)
     assert torch.equal(u, philox.uniform(seed, offset, tag, r, c))
     torch.testing.assert_close(z, philox.normal(seed, offset, tag, r, c), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", [2 ** 64 - 5, 2 ** 63, 2 ** 64 - 2 ** 40 + 3])
+def test_triton_helper_reads_a_uint64_seed_as_signed_int64(seed):
+    """The op schemas carry a seed >= 2**63 as the int64 with its bits (a small negative one is
+    an int32 to Triton): the helpers draw the uint64 seed's stream from either spelling."""
+    if kphilox is None or not available("triton"):
+        pytest.skip("triton backend unavailable")
+    expect = philox.uniforms(seed, 49, 6, 3, 5, row_start=10_000)
+    for spelling in (seed, seed - 2 ** 64):
+        drawn = kphilox.uniforms(spelling, 49, 6, 3, 5, row_start=10_000, device=TRITON_DEVICE)
+        assert torch.equal(drawn.cpu(), expect)

@@ -136,6 +136,21 @@ def test_strided_inputs(backend):
     _assert_same(_all_ops(backend, wide, explicit=e), _all_ops("reference", p, explicit=e), torch.float32)
 
 
+@pytest.mark.skipif("triton" not in FAST, reason="no triton backend registered")
+def test_triton_gpu_tiles(monkeypatch):
+    """The Triton kernels at their GPU tiles (512 cells: several row blocks, numerical columns in
+    chunks of 64, a 128-slot race tile of 4 rows): under the interpreter the tests above run big
+    tiles (one row block, one column chunk), so this one runs the GPU's tiling on CPU tensors."""
+    need("triton")
+    from diffkern.kernels import tabdiff as kernels
+    monkeypatch.setattr(kernels, "_interpreted", lambda t: False)
+    p = _problem(B=13, n=70, K=(100, 1, 9), masked=0.5)
+    e = _explicit(p)
+    _assert_same(_all_ops("triton", p, explicit=e), _all_ops("reference", p, explicit=e), torch.float32)
+    key = (2 ** 64 - 5, 49, 10_000)
+    _assert_same(_all_ops("triton", p, *key), _all_ops("reference", p, *key), torch.float32, normal_tol=1e-12)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_fused_unmask_draw_follows_the_exact_distribution(backend):
     """Every row masked in a 6-class column: P(c) = p_c (a_s - a_t) / (1 - a_t), P(MASK) = (1 - a_s) / (1 - a_t).

@@ -45,7 +45,11 @@ observed noise     ``tabdiff_observed``        i (normal) / ``n + j`` (uniform)
 Explicit ``noise=`` (standard normals) and ``uniforms=`` (values in [0, 1)) replace the stream;
 with them every backend returns the reference's values (categorical draws exactly).
 
-Backends: ``reference`` (this file: float64 math, result in the input dtype; the spec).
+Backends: ``reference`` (this file: float64 math, result in the input dtype; the spec), ``cpu``
+(``csrc/cpu/tabdiff.cpp``: one fused pass per operator) and ``triton`` (``kernels/tabdiff.py``: one
+kernel per operator, the race per (row, column) over the unpadded segment); both fast backends draw
+the random numbers in the loop, only for the cells that use them, and count bad values in a status
+vector from which the reference's checks raise.
 """
 
 from __future__ import annotations
@@ -344,6 +348,16 @@ _heun_op.register("cpu", _heun_cpu, compiled="tabdiff_heun_kernel", dtypes={"x_n
                   finish=_finisher(check_heun_values))
 _observe_op.register("cpu", _observe_cpu, compiled="tabdiff_observe_kernel", dtypes={"z_num": NUM_DTYPES},
                      check=_one_float_dtype((0, "z_num"), (2, "x_obs_num")), finish=_finisher(check_observe_values))
+# triton (kernels/tabdiff.py): every input is read in its own dtype, so no single-dtype check
+_churn_op.register("triton", "diffkern.kernels.tabdiff:tabdiff_churn", dtypes={"x_num": NUM_DTYPES},
+                   finish=_finisher(check_churn_values))
+_step_op.register("triton", "diffkern.kernels.tabdiff:tabdiff_step",
+                  dtypes={"x_num_hat": NUM_DTYPES, "logits": _checks.FLOAT_DTYPES},
+                  finish=_finisher(check_step_values))
+_heun_op.register("triton", "diffkern.kernels.tabdiff:tabdiff_heun", dtypes={"x_num_hat": NUM_DTYPES},
+                  finish=_finisher(check_heun_values))
+_observe_op.register("triton", "diffkern.kernels.tabdiff:tabdiff_observe", dtypes={"z_num": NUM_DTYPES},
+                     finish=_finisher(check_observe_values))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""AOT compile of the PoE Triton kernels (kernels/poe.py) and the shared Philox fill
-(kernels/philox.py) for sm_80 and sm_90, without a GPU.
+"""AOT compile of the PoE Triton kernels (kernels/poe.py), the TabDiff sampler kernels
+(kernels/tabdiff.py) and the shared Philox fill (kernels/philox.py) for sm_80 and sm_90, without a GPU.
 
 The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which ``@triton.jit``
 returns interpreter objects that ``triton.compile`` cannot lower. The compile therefore runs in a
-subprocess with TRITON_INTERPRET=0 that loads ``kernels/poe.py`` by path (fresh decorators give
-real ``JITFunction`` objects), compiles each kernel at its GPU launch configuration with
+subprocess with TRITON_INTERPRET=0 that loads the ``kernels/`` package by path (fresh decorators
+give real ``JITFunction`` objects; a package, so that kernels/tabdiff.py's ``from .philox import``
+resolves), compiles each kernel at its GPU launch configuration with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reports JSON.
 
 Register / spill figures: ``compiled.metadata`` has no ``n_regs`` / ``n_spills`` until the cubin is
@@ -25,8 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = ROOT / "kernels" / "poe.py"
-PHILOX = ROOT / "kernels" / "philox.py"
+KERNELS = ROOT / "kernels"
 ARCHS = (80, 90)
 
 # kernel -> register budget per thread. Measured max over fp32/bf16 (sm_80 / sm_90, triton 3.9.0):
@@ -34,9 +34,14 @@ ARCHS = (80, 90)
 # combine 48/84 (4 experts + partial sum; 2 experts: 40/45); top_p < 1 (NUCLEUS, BLOCK_S = 256):
 # verify_rows_nucleus 48/57, verify_residual_nucleus 98/87, draft_nucleus 94/92. All 0 spills.
 # kernels/philox.py's fill (4 warps, BLOCK 1024): philox_fill 48/56, philox_fill_normal 96/96.
+# kernels/tabdiff.py (4 warps, 512-cell tiles, float32 state, stream draws, no FMA contraction):
+# tabdiff_churn 80/86, tabdiff_heun 92/82, tabdiff_observe 124/120, tabdiff_step (BLOCK_K 64, fp32 and
+# bf16 logits) 80/80, tabdiff_step_wide (BLOCK_K 1024) 128/105. All 0 spills.
 BUDGET = {"verify_rows": 72, "verify_scan": 96, "verify_residual": 136, "draft": 160, "combine": 112,
           "verify_rows_nucleus": 80, "verify_residual_nucleus": 128, "draft_nucleus": 128,
-          "philox_fill": 64, "philox_fill_normal": 128}
+          "philox_fill": 64, "philox_fill_normal": 128,
+          "tabdiff_churn": 112, "tabdiff_heun": 120, "tabdiff_observe": 160, "tabdiff_step": 112,
+          "tabdiff_step_wide": 160}
 # philox_fill_normal's float64 cos (libdevice) keeps a small local array for its slow argument
 # reduction (huge arguments only; ours are in (0, 2 pi)): measured 0 / 24 bytes (sm_80 / sm_90)
 SPILL_ALLOWANCE = {"philox_fill_normal": 24}
@@ -49,15 +54,13 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mod = load("_diffkern_poe_aot", sys.argv[1])
-philox = load("_diffkern_philox_aot", sys.argv[4])
+package = importlib.util.spec_from_file_location("_diffkern_kernels_aot", os.path.join(sys.argv[1], "__init__.py"),
+                                                 submodule_search_locations=[sys.argv[1]])
+sys.modules[package.name] = importlib.util.module_from_spec(package)
+package.loader.exec_module(sys.modules[package.name])
+mod = importlib.import_module("_diffkern_kernels_aot.poe")
+philox = importlib.import_module("_diffkern_kernels_aot.philox")
+tabdiff = importlib.import_module("_diffkern_kernels_aot.tabdiff")
 archs = [int(a) for a in sys.argv[2].split(",")]
 dtypes = sys.argv[3].split(",")
 
@@ -105,6 +108,53 @@ def cases(dt):
                    {"out_ptr": "*fp64", "seed": "i64", "offset": "i64", "tag": "i32", "total": "i64", "cols": "i32",
                     "row_start": "i64", "NORMAL": "constexpr", "BLOCK": "constexpr"},
                    {"NORMAL": normal, "BLOCK": 1024}, 4)
+    yield from tabdiff_cases(dt)
+
+
+def unit(names):
+    return {n: "constexpr" for n in names.split()}, {n: 1 for n in names.split()}
+
+
+def tabdiff_cases(dt):
+    """kernels/tabdiff.py at its GPU tiles (tabdiff._tile: 512 cells, 4 warps), float32 state,
+    float64 tables, contiguous columns (stride 1: what Triton specializes), stream draws (the
+    heavier variant: Philox in-kernel), no FMA contraction (the launchers' enable_fp_fusion=False).
+    The race at Adult's segments (K_max + 1 = 43: BLOCK_K 64, 8 rows) and at a wide one (BLOCK_K 1024,
+    1 row) for each logits dtype; the other kernels once."""
+    key = {"seed": "i64", "step": "i64", "row_start": "i64"}
+    if dt == dtypes[0]:
+        strides, ones = unit("xs1 cs1 ns1 us1")
+        yield ("tabdiff_churn", "fp32", tabdiff._churn_kernel,
+               {"x_ptr": "*fp32", "c_ptr": "*i64", "sc_ptr": "*fp64", "sh_ptr": "*fp64", "chance_ptr": "*fp64",
+                "k_ptr": "*i32", "noise_ptr": "*fp32", "u_ptr": "*fp32", "xo_ptr": "*fp32", "co_ptr": "*i64",
+                "status_ptr": "*i64", **ints("B n m xs0 cs0 ns0 us0"), **strides, **key,
+                "GIVEN_NOISE": "constexpr", "GIVEN_UNIFORMS": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_C": "constexpr"},
+               {**ones, "GIVEN_NOISE": False, "GIVEN_UNIFORMS": False, "BLOCK_R": 64, "BLOCK_C": 8}, 4)
+        strides, ones = unit("hs1 xs1 ds1 gs1")
+        yield ("tabdiff_heun", "fp32", tabdiff._heun_kernel,
+               {"xh_ptr": "*fp32", "xn_ptr": "*fp32", "dn_ptr": "*fp32", "d_ptr": "*fp32", "sh_ptr": "*fp64",
+                "sn_ptr": "*fp64", "out_ptr": "*fp32", "status_ptr": "*i64", **ints("B n hs0 xs0 ds0 gs0"),
+                **strides, "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+               {**ones, "BLOCK_R": 64, "BLOCK_C": 8}, 4)
+        strides, ones = unit("zs1 zcs1 os1 ocs1 nms1 cms1 ns1 us1")
+        yield ("tabdiff_observe", "fp32", tabdiff._observe_kernel,
+               {"z_ptr": "*fp32", "zc_ptr": "*i64", "xo_ptr": "*fp32", "xc_ptr": "*i64", "nmiss_ptr": "*u8",
+                "cmiss_ptr": "*u8", "sn_ptr": "*fp64", "chance_ptr": "*fp64", "k_ptr": "*i32", "noise_ptr": "*fp32",
+                "u_ptr": "*fp32", "on_ptr": "*fp32", "oc_ptr": "*i64", "status_ptr": "*i64",
+                **ints("B n m zs0 zcs0 os0 ocs0 nms0 cms0 ns0 us0"), **strides, **key,
+                "GIVEN_NOISE": "constexpr", "GIVEN_UNIFORMS": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_C": "constexpr"},
+               {**ones, "GIVEN_NOISE": False, "GIVEN_UNIFORMS": False, "BLOCK_R": 64, "BLOCK_C": 8}, 4)
+    strides, ones = unit("xs1 cs1 ds1 ls1 us1")
+    for name, block_r, block_k in (("tabdiff_step", 8, 64), ("tabdiff_step_wide", 1, 1024)):
+        yield (name, dt, tabdiff._step_kernel,
+               {"x_ptr": "*fp32", "c_ptr": "*i64", "den_ptr": "*fp32", "lg_ptr": "*" + dt, "sh_ptr": "*fp64",
+                "sn_ptr": "*fp64", "k_ptr": "*i32", "off_ptr": "*i32", "at_ptr": "*fp64", "as_ptr": "*fp64",
+                "u_ptr": "*fp32", "xo_ptr": "*fp32", "co_ptr": "*i64", "d_ptr": "*fp32", "status_ptr": "*i64",
+                **ints("B n m xs0 cs0 ds0 ls0 us0"), **strides, **key, "GIVEN_UNIFORMS": "constexpr",
+                "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BLOCK_K": "constexpr"},
+               {**ones, "GIVEN_UNIFORMS": False, "BLOCK_R": block_r, "BLOCK_C": 8, "BLOCK_K": block_k}, 4)
 
 
 def usage(ptx, arch):
@@ -129,8 +179,11 @@ for dt in dtypes:
             rec = dict(kernel=name, dtype=dtype, arch=arch, constexprs={k: str(v) for k, v in cx.items()},
                        num_warps=nw)
             try:
+                options = {"num_warps": nw}
+                if name.startswith("tabdiff"):
+                    options["enable_fp_fusion"] = False   # as kernels/tabdiff.py launches them
                 c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
-                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})
+                                   target=GPUTarget("cuda", arch, 32), options=options)
                 rec["secs"] = round(time.time() - t0, 2)
                 rec["asm"] = sorted(c.asm)
                 rec["cubin_bytes"] = len(c.asm.get("cubin", b""))
@@ -155,8 +208,7 @@ def aot_results(tmp_path_factory):
     script.write_text(WORKER)
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))   # a real compile each run
-    proc = subprocess.run([sys.executable, str(script), str(KERNELS), ",".join(map(str, ARCHS)), "fp32,bf16",
-                           str(PHILOX)],
+    proc = subprocess.run([sys.executable, str(script), str(KERNELS), ",".join(map(str, ARCHS)), "fp32,bf16"],
                           capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT_JSON ")]
     if proc.returncode != 0 or not lines:
