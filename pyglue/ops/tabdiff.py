@@ -46,7 +46,9 @@ Explicit ``noise=`` (standard normals) and ``uniforms=`` (values in [0, 1)) repl
 with them every backend returns the reference's values (categorical draws exactly).
 
 Backends: ``reference`` (this file: float64 math, result in the input dtype; the spec), ``cpu``
-(``csrc/cpu/tabdiff.cpp``: one fused pass per operator) and ``triton`` (``kernels/tabdiff.py``: one
+(``csrc/cpu/tabdiff.cpp``: one fused pass per operator; the unmask race vectorised per row over
+runs of masked segments with the branch-free exp/log of ``csrc/include/diffkern/vec_math.h``, so a
+draw can differ from the reference's only where two race keys of a cell lie within an ulp) and ``triton`` (``kernels/tabdiff.py``: one
 kernel per operator, the race per (row, column) over the unpadded segment); both fast backends draw
 the random numbers in the loop, only for the cells that use them, and count bad values in a status
 vector from which the reference's checks raise.

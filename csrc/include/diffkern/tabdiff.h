@@ -51,7 +51,9 @@ DK_HD double heun_value(double x_hat, double x_next, double denoised_next, doubl
 // The unmask draw of one masked cell from its logit segment seg[0 .. K] (seg[K] is the MASK
 // logit, ignored: SUBS). q_k = softmax_k * (alpha_s - alpha_t) for k < K, q_K = 1 - alpha_s;
 // the exponential race argmax_k q_k / (eps - log(u_k + eps)), first maximum on ties.
-// uniform(k) returns slot k's uniform in (0, 1). Returns -1 for a bad segment (NaN or +inf anywhere,
+// uniform(k) returns slot k's uniform in (0, 1). This is the per-cell statement of the race; the
+// CPU backend runs the same steps vectorised over a row (csrc/cpu/tabdiff.cpp: race_row), Triton
+// over a tile of cells (kernels/tabdiff.py). Returns -1 for a bad segment (NaN or +inf anywhere,
 // or every class logit -inf): the caller counts it in kBadLogit.
 template <typename Logit, typename UniformOfSlot>
 DK_HD int64_t unmask_draw(const Logit* seg, int64_t K, double alpha_t, double alpha_s, UniformOfSlot uniform) {
