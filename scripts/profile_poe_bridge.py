@@ -3,8 +3,8 @@
 
 Wraps the decoder's collaborators with wall-clock timers and decodes the same batch of held-out
 problems (same seed, so the same tokens on both backends) ``--repeats`` times per backend,
-*interleaved* (ref, fused, fused, ref, ...: the order rotates each repeat) so that load drift on a shared machine hits both
-alike. Buckets: DLM forward, AR forward, ``poe_draft``, ``poe_verify``, AR cache bookkeeping
+*interleaved* (ref, fused, fused, ref, ...: the order rotates each repeat) so that load drift on a
+shared machine hits both alike. Buckets: DLM forward, AR forward, ``poe_draft``, ``poe_verify``, AR cache bookkeeping
 (``batch_select_indices`` / row copy / crop) and the rest (Python: window assembly, selection,
 commits); ``cache_step`` (not a bucket, it overlaps them) is the decoder's whole step after
 selection, the cache calls and the Python around them. Prints the median per bucket and backend,
@@ -12,7 +12,7 @@ and tokens/s, cache and total seconds per repeat::
 
     OMP_NUM_THREADS=1 python scripts/profile_poe_bridge.py --task modchain --repeats 5
 
-``--compare-cache reference`` instead interleaves the two AR cache steps after selection on one
+``--compare-cache reference`` instead interleaves three AR cache steps after selection on one
 backend: 'before' (gather every row to its winner, then crop: the step the row copy replaced),
 'crop+gather' (``CausalLMTarget.row_copy = False``) and 'row-copy' (the decoder's).
 """
