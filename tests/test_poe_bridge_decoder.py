@@ -195,3 +195,59 @@ def test_bad_input_errors_name_the_argument(pair):
     with pytest.raises(ValueError, match="vocabulary"):
         PoEBridgeDecoder(draft, other, CFG)
     PoEBridgeDecoder(draft, other, CFG.replace(vocab_size=V))  # explicit shared slice is allowed
+
+
+def _old_advance_cache(self, run, win):
+    """The decoder's former cache step: gather every row to its winner, then crop the tail."""
+    if not torch.equal(win.select, torch.arange(len(win.select))):
+        run.cache.batch_select_indices(win.select)
+    valid = torch.cat([run.valid[win.select], win.new_valid], dim=1)
+    used = valid.any(dim=0).nonzero()
+    keep = int(used.max()) + 1 if used.numel() else 0
+    self.target.crop(run.cache, keep)
+    run.valid = valid[:, :keep]
+
+
+@pytest.mark.parametrize("row_copy", [True, False])
+def test_row_copy_cache_step_equals_a_full_gather_bit_for_bit(pair, row_copy, monkeypatch):
+    """Cropping first and copying only the moved rows from the per-sequence synced position
+    leaves exactly the cache (and tokens) of gathering every row then cropping."""
+    draft, ar = pair
+    prompts = PROMPTS + [[1, 15], [1, 16, 17, 18, 19, 20, 21, 22]]
+    cfg = CFG.replace(num_particles=4, max_new_tokens=14)
+
+    def run(dec):
+        snaps = []
+
+        def hook(s):
+            snaps.append(([(layer.keys.clone(), layer.values.clone()) for layer in s["cache"].layers],
+                          s["valid"].clone()))
+        out = dec.generate(prompts, seed=5, hook=hook, eos_token_id=EOS)
+        return out, snaps
+
+    new = PoEBridgeDecoder(draft, ar, cfg)
+    new.target.row_copy = row_copy
+    starts = []
+    orig = type(new.target).copy_rows
+
+    def spy(self, cache, dst, src, start):
+        done = orig(self, cache, dst, src, start)
+        starts.append((start, done))
+        return done
+    monkeypatch.setattr(type(new.target), "copy_rows", spy)
+    out_new, snaps_new = run(new)
+    monkeypatch.undo()
+
+    old = PoEBridgeDecoder(draft, ar, cfg)
+    monkeypatch.setattr(PoEBridgeDecoder, "_advance_cache", _old_advance_cache)
+    out_old, snaps_old = run(old)
+
+    assert out_new.sequences == out_old.sequences
+    assert len(snaps_new) == len(snaps_old) >= 5
+    for (layers_n, valid_n), (layers_o, valid_o) in zip(snaps_new, snaps_old):
+        assert torch.equal(valid_n, valid_o)
+        for (kn, vn), (ko, vo) in zip(layers_n, layers_o):
+            assert torch.equal(kn, ko) and torch.equal(vn, vo)
+    # the row copy ran (or declined, when disabled), also from positions past 0
+    assert starts and all(done == row_copy for _, done in starts)
+    assert any(start > 0 for start, _ in starts)

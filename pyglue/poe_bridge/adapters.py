@@ -118,6 +118,32 @@ class CausalLMTarget:
         """Keep rows ``indices`` of the cache (gather; duplicates allowed)."""
         cache.batch_select_indices(indices)
 
+    #: False forces :meth:`copy_rows` to decline, so the decoder gathers whole rows with
+    #: :meth:`select` (the old path; used by tests and ``scripts/profile_poe_bridge.py``)
+    row_copy: bool = True
+
+    def copy_rows(self, cache, dst: Tensor, src: Tensor, start: int) -> bool:
+        """In place, set cache row ``dst[i]`` to row ``src[i]`` over positions ``start:`` (every
+        layer, keys and values). Returns False, changing nothing, unless every layer is a plain
+        ``DynamicLayer`` (appended to by ``torch.cat``, never rewritten in place); the caller
+        then falls back to :meth:`select`."""
+        if not self.row_copy:
+            return False
+        try:
+            from transformers.cache_utils import DynamicLayer
+        except ImportError:  # older transformers: no cache layers
+            return False
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+            return False
+        if any(t.dim() != 4 for layer in layers for t in (layer.keys, layer.values)):
+            return False
+        for layer in layers:
+            for t in (layer.keys, layer.values):
+                region = t[:, :, start:]
+                region.index_copy_(0, dst.to(t.device), region.index_select(0, src.to(t.device)))
+        return True
+
     @staticmethod
     def crop(cache, length: int) -> None:
         """Crop the cache to its first ``length`` positions."""

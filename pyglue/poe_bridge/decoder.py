@@ -231,7 +231,8 @@ class PoEBridgeDecoder:
             target_t=float(cfg.temperature if cfg.target_temperature is None else cfg.target_temperature),
             parity=cfg.weights == "parity", sel_gen=sel_gen, stats=GenerationStats(num_sequences=B),
             cache=self.target.new_cache(), valid=torch.zeros(B * K, 0, dtype=torch.bool, device=self.target.device),
-            num_particles=K, target=self.target, bar=_progress(progress, B * max_new, "poe-bridge"))
+            num_particles=K, target=self.target, bar=_progress(progress, B * max_new, "poe-bridge"),
+            synced=[0] * B)
 
     def _dlm_forward(self, run: "_Run") -> "_DLMForward":
         """One DLM forward over committed prefix + up to M masks per active sequence."""
@@ -372,15 +373,34 @@ class PoEBridgeDecoder:
 
     def _advance_cache(self, run: "_Run", win: "_Window") -> None:
         """Every particle continues from its sequence's winner: cache rows gathered, the positions
-        no sequence committed stay as masked holes, the unused tail is cropped."""
-        # the gather copies every layer's cache (15 % of a ModChain decode at K = 4, see
-        # scripts/profile_poe_bridge.py); with one particle every row keeps itself: skip it
-        if not torch.equal(win.select, torch.arange(len(win.select), device=win.select.device)):
-            self.target.select(run.cache, win.select)
+        no sequence committed stay as masked holes, the unused tail is cropped.
+
+        The result equals a full gather ``cache[win.select]`` then a crop, bit for bit, but copies
+        far less (the full gather was 15 % of a ModChain decode at K = 4, see
+        ``scripts/profile_poe_bridge.py``): the tail is cropped first, and only the rows whose
+        winner is another row are rewritten, only from ``run.synced[b]`` on, since the K rows of
+        sequence b are bit-identical before that position (they were copied from one winner at b's
+        last selection, and the cache only grows by appending)."""
+        K = run.num_particles
         valid = torch.cat([run.valid[win.select], win.new_valid], dim=1)
         used = valid.any(dim=0).nonzero()
         keep = int(used.max()) + 1 if used.numel() else 0
         self.target.crop(run.cache, keep)
+        moved = win.select != torch.arange(len(win.select), device=win.select.device)
+        if bool(moved.any()):
+            rows = moved.nonzero().flatten()
+            starts = torch.tensor(run.synced, device=rows.device)[rows // K]
+            copied = True
+            for start in sorted(set(starts.tolist())):
+                grp = rows[starts == start]
+                if start < keep and not self.target.copy_rows(run.cache, grp, win.select[grp], start):
+                    copied = False
+                    break
+            if not copied:          # a cache the row copy does not handle: gather whole rows
+                self.target.select(run.cache, win.select)
+        for b in win.seqs:          # all K rows of b now hold b's winner on [0, keep)
+            run.synced[b] = keep
+        run.synced = [min(s, keep) for s in run.synced]
         run.valid = valid[:, :keep]
 
 
@@ -413,6 +433,8 @@ class _Run:
     target: CausalLMTarget
     bar: object = None
     offset: int = 0                           # Philox offset: +1 per poe_draft and per poe_verify call
+    #: per sequence: the K cache rows of b are bit-identical on positions [0, synced[b])
+    synced: List[int] = field(default_factory=list)
 
     @property
     def active(self) -> List[int]:
