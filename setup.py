@@ -49,8 +49,10 @@ def _extensions():
         return [], {}
 
     # -fopenmp-simd: the `omp simd` loops vectorise without the OpenMP runtime; -fno-trapping-math:
-    # GCC if-converts float selects (the vectorised exp/log of csrc/include/diffkern/vec_math.h)
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math"]
+    # GCC if-converts float selects (csrc/include/diffkern/vec_math.h); -fno-math-errno: sqrt is an
+    # instruction, not a call that may set errno (nothing here reads errno)
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math",
+           "-fno-math-errno"]
     if "OpenMP" in torch.__config__.parallel_info():
         cxx.append("-fopenmp")  # only when torch itself uses OpenMP (as xformers does)
     if _flag("DIFFKERN_NATIVE"):

@@ -21,6 +21,8 @@
 #include "diffkern/tabdiff.h"
 #include "diffkern/vec_math.h"
 
+#define DK_INLINE inline __attribute__((always_inline))
+
 // The race's vector loops are compiled per ISA and picked at load time (GCC's ifunc clones).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -91,6 +93,14 @@ void check_state(const at::Tensor& x, int64_t rows, const char* name) {
 // churn: x_hat = x + sqrt(s_hat^2 - s^2) eps; x_cat_hat = MASK where u < remask_chance
 // ---------------------------------------------------------------------------------------------
 
+// philox::normal(seed, step, tag, row_start + b, i) for rows b in [begin, end) and columns i < n,
+// stored column-major ([n][end - begin]): the vector loop runs down a column.
+DK_SIMD_CLONES void fill_column_normals(Key key, uint32_t tag, int64_t begin, int64_t end, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i)
+    vec::philox_normals_down(key.seed, key.step, tag, static_cast<uint32_t>(key.row_start + begin),
+                             static_cast<uint32_t>(i), end - begin, out + i * (end - begin));
+}
+
 template <typename T>
 void churn_rows(const at::Tensor& x_num, const at::Tensor& x_cat, at::Tensor& x_hat, at::Tensor& c_hat,
                 const double* sigma_cur, const double* sigma_hat, const double* chance,
@@ -102,13 +112,15 @@ void churn_rows(const at::Tensor& x_num, const at::Tensor& x_cat, at::Tensor& x_
   T* xo = x_hat.data_ptr<T>();
   int64_t* co = c_hat.data_ptr<int64_t>();
   const int64_t xs = x_num.stride(0), cs = x_cat.stride(0);
-  at::parallel_for(0, B, kRowsPerTask, [&](int64_t begin, int64_t end) {
+  // Rows in blocks of kRowsPerTask: the block's normals are drawn column by column first (a vector
+  // loop down the rows), into a buffer of n x kRowsPerTask that does not grow with B.
+  auto churn_block = [&](int64_t begin, int64_t end, double* drawn) -> int64_t {
+    if (!noise) fill_column_normals(key, tabdiff::kTagChurn, begin, end, n, drawn);
     int64_t bad = 0;
     for (int64_t b = begin; b < end; ++b) {
       const uint32_t row = static_cast<uint32_t>(key.row_start + b);
       for (int64_t i = 0; i < n; ++i) {
-        const double eps = noise ? noise[b * n + i]
-                                 : philox::normal(key.seed, key.step, tabdiff::kTagChurn, row, static_cast<uint32_t>(i));
+        const double eps = noise ? noise[b * n + i] : drawn[i * (end - begin) + (b - begin)];
         xo[b * n + i] = static_cast<T>(tabdiff::churn_value(static_cast<double>(x[b * xs + i]), sigma_cur[i],
                                                             sigma_hat[i], eps));
       }
@@ -124,6 +136,13 @@ void churn_rows(const at::Tensor& x_num, const at::Tensor& x_cat, at::Tensor& x_
         co[b * m + j] = u < chance[j] ? K : v;
       }
     }
+    return bad;
+  };
+  at::parallel_for(0, B, kRowsPerTask, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<double> drawn(noise ? 0 : n * kRowsPerTask);
+    int64_t bad = 0;
+    for (int64_t begin = task_begin; begin < task_end; begin += kRowsPerTask)
+      bad += churn_block(begin, std::min(task_end, begin + kRowsPerTask), drawn.data());
     status.add(tabdiff::kBadCategory, bad);
   });
 }
@@ -161,21 +180,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tabdiff_churn_kernel(
 struct Cell {     // a masked cell: its segment and the step's unmask weights
   int64_t column, offset, K;
   double alpha_t, alpha_s;
+  bool bad;       // NaN or +inf in the segment, or every class logit -inf
 };
 struct Run {      // adjacent masked segments: slots [start, start + length) of the row
   int64_t start, length;
 };
 struct RowScratch {  // per-slot arrays of one row, O(L) per task (never O(B L))
-  std::vector<double> logit, uniform, shift, log_sum, gap, key;
+  std::vector<double> centred, uniform, log_sum, gap, key;
   std::vector<Cell> cells;
   std::vector<Run> runs;
-  explicit RowScratch(int64_t L) : logit(L), uniform(L), shift(L), log_sum(L), gap(L), key(L) {}
+  RowScratch(c10::IntArrayRef num_classes, const std::vector<int64_t>& offsets, const double* alpha_t,
+             const double* alpha_s, int64_t L)
+      : centred(L), uniform(L), log_sum(L), gap(L), key(L) {
+    for (size_t j = 0; j < offsets.size(); ++j)  // the weight gap is a column's, the same in every row
+      std::fill(gap.begin() + offsets[j], gap.begin() + offsets[j] + num_classes[j] + 1, alpha_s[j] - alpha_t[j]);
+  }
 };
 
-// Random numbers, race denominators and softmax terms of every masked slot: the vector loops.
-DK_SIMD_CLONES void race_vector_pass(const Run* runs, int64_t num_runs, const double* DK_RESTRICT logit,
-                                     double* DK_RESTRICT uniform, const double* DK_RESTRICT shift,
-                                     double* DK_RESTRICT key, Key k, uint32_t row, bool draw_uniforms) {
+// One cell's logits in double, centred on the max class logit (the spec's x - max; the MASK slot
+// K gets 0: its softmax terms are never used), and whether the segment is bad.
+template <typename Logit>
+DK_INLINE bool centre_cell(const Logit* DK_RESTRICT seg, int64_t K,
+                                                         double* DK_RESTRICT centred) {
+  double max_logit = -INFINITY;
+  int bad = 0;
+  for (int64_t q = 0; q < K; ++q) {  // scalar: segments are short, vector reductions cost more here
+    const double v = tabdiff::as_double(seg[q]);
+    centred[q] = v;
+    bad |= (v != v) | (v == INFINITY);
+    max_logit = v > max_logit ? v : max_logit;
+  }
+  const double mask_logit = tabdiff::as_double(seg[K]);  // checked, never used
+  bad |= (mask_logit != mask_logit) | (mask_logit == INFINITY) | (max_logit == -INFINITY);
+#pragma omp simd
+  for (int64_t q = 0; q < K; ++q) centred[q] -= max_logit;
+  centred[K] = 0.0;
+  return bad;
+}
+// Random numbers, race denominators and softmax numerators of every masked slot: the vector loops.
+DK_INLINE void race_vector_pass(const Run* runs, int64_t num_runs, const double* DK_RESTRICT centred,
+                                     double* DK_RESTRICT uniform, double* DK_RESTRICT key, Key k, uint32_t row,
+                                     bool draw_uniforms) {
   for (int64_t r = 0; r < num_runs; ++r) {
     const int64_t s0 = runs[r].start, n = runs[r].length;
     if (draw_uniforms) vec::philox_uniforms(k.seed, k.step, tabdiff::kTagUnmask, row, static_cast<uint32_t>(s0), n,
@@ -183,71 +228,72 @@ DK_SIMD_CLONES void race_vector_pass(const Run* runs, int64_t num_runs, const do
 #pragma omp simd
     for (int64_t s = s0; s < s0 + n; ++s) {
       uniform[s] = tabdiff::kRaceEps - vec::log_positive(uniform[s] + tabdiff::kRaceEps);  // race denominator
-      key[s] = vec::exp_nonpositive(logit[s] - shift[s]);                                  // softmax numerator
+      key[s] = vec::exp_nonpositive(centred[s]);                                           // softmax numerator
     }
   }
 }
 
-DK_SIMD_CLONES void race_key_pass(const Run* runs, int64_t num_runs, const double* DK_RESTRICT logit,
-                                  const double* DK_RESTRICT denominator, const double* DK_RESTRICT shift,
-                                  const double* DK_RESTRICT log_sum, const double* DK_RESTRICT gap,
-                                  double* DK_RESTRICT key) {
+// key = q / (eps - log(u + eps)) with q = exp(log_softmax) * gap: the spec's (x - max) - log_sum.
+DK_INLINE void race_key_pass(const Run* runs, int64_t num_runs, const double* DK_RESTRICT centred,
+                                  const double* DK_RESTRICT denominator, const double* DK_RESTRICT log_sum,
+                                  const double* DK_RESTRICT gap, double* DK_RESTRICT key) {
   for (int64_t r = 0; r < num_runs; ++r) {
     const int64_t s0 = runs[r].start, n = runs[r].length;
 #pragma omp simd
-    for (int64_t s = s0; s < s0 + n; ++s)  // q / (eps - log(u + eps)), q = exp(log_softmax) * gap
-      key[s] = vec::exp_nonpositive((logit[s] - shift[s]) - log_sum[s]) * gap[s] / denominator[s];
+    for (int64_t s = s0; s < s0 + n; ++s)
+      key[s] = vec::exp_nonpositive(centred[s] - log_sum[s]) * gap[s] / denominator[s];
   }
 }
 
 // Draws of the row's masked cells into out (-1: a bad segment, counted by the caller).
 template <typename Logit>
-void race_row(const Logit* row_logits, const double* explicit_uniforms, Key k, uint32_t row, RowScratch& w,
+DK_INLINE void race_row_in(const Logit* row_logits, const double* explicit_uniforms, Key k, uint32_t row, RowScratch& w,
               int64_t* out_draw) {
-  double *logit = w.logit.data(), *uniform = w.uniform.data(), *shift = w.shift.data();
-  double *log_sum = w.log_sum.data(), *gap = w.gap.data(), *key = w.key.data();
-  for (const Cell& c : w.cells) {  // logits in double, bad values, the max class logit (the shift)
-    double max_logit = -INFINITY;
-    bool bad = false;
-    for (int64_t q = 0; q <= c.K; ++q) {
-      const double v = tabdiff::as_double(row_logits[c.offset + q]);
-      logit[c.offset + q] = v;
-      bad |= std::isnan(v) || v == INFINITY;
-      if (q < c.K) max_logit = std::fmax(max_logit, v);
-    }
-    bad |= max_logit == -INFINITY;
-    const double s = bad ? 0.0 : max_logit;
-    std::fill(shift + c.offset, shift + c.offset + c.K, s);
-    shift[c.offset + c.K] = logit[c.offset + c.K];  // the MASK slot's softmax terms are never used
-    if (bad) logit[c.offset] = NAN;                 // marks the cell for the draw below
+  double *centred = w.centred.data(), *uniform = w.uniform.data(), *log_sum = w.log_sum.data();
+  double *key = w.key.data();
+  for (Cell& c : w.cells) {
+    c.bad = centre_cell(row_logits + c.offset, c.K, centred + c.offset);
     if (explicit_uniforms)
       std::copy(explicit_uniforms + c.offset, explicit_uniforms + c.offset + c.K + 1, uniform + c.offset);
   }
-  race_vector_pass(w.runs.data(), w.runs.size(), logit, uniform, shift, key, k, row, explicit_uniforms == nullptr);
+  race_vector_pass(w.runs.data(), w.runs.size(), centred, uniform, key, k, row, explicit_uniforms == nullptr);
   for (const Cell& c : w.cells) {
     double sum = 0.0;
     for (int64_t q = 0; q < c.K; ++q) sum += key[c.offset + q];
     std::fill(log_sum + c.offset, log_sum + c.offset + c.K + 1, std::log(sum));
-    std::fill(gap + c.offset, gap + c.offset + c.K + 1, c.alpha_s - c.alpha_t);
   }
-  race_key_pass(w.runs.data(), w.runs.size(), logit, uniform, shift, log_sum, gap, key);
+  race_key_pass(w.runs.data(), w.runs.size(), centred, uniform, log_sum, w.gap.data(), key);
   for (const Cell& c : w.cells) {  // the first maximum in index order, MASK (slot K) last
-    if (std::isnan(logit[c.offset])) {
+    if (c.bad) {
       out_draw[c.column] = -1;
       continue;
     }
-    int64_t best = c.K;
-    double best_key = (1.0 - c.alpha_s) / uniform[c.offset + c.K];
-    for (int64_t q = 0; q < c.K; ++q) {
-      const double kq = key[c.offset + q];
-      if (kq > best_key || (kq == best_key && best == c.K)) {
-        best_key = kq;
-        best = q;
-      }
+    const double* cell_key = key + c.offset;
+    double class_max = -1.0;  // keys are >= 0: class 0 is always taken first
+    int64_t class_best = 0;
+    for (int64_t q = 0; q < c.K; ++q) {  // the first maximum in index order, without branches
+      const bool above = cell_key[q] > class_max;
+      class_max = above ? cell_key[q] : class_max;
+      class_best = above ? q : class_best;
     }
+    const double mask_key = (1.0 - c.alpha_s) / uniform[c.offset + c.K];  // MASK is last: it loses ties
+    const int64_t best = class_max >= mask_key ? class_best : c.K;
     out_draw[c.column] = best;
   }
 }
+
+// One clone-dispatched entry per logit type (templates cannot carry target_clones): the whole
+// row's race is compiled per ISA, with the vector passes inlined.
+#define DK_RACE_ROW(Logit)                                                                                   \
+  DK_SIMD_CLONES void race_row(const Logit* row_logits, const double* explicit_uniforms, Key k, uint32_t row, \
+                               RowScratch& w, int64_t* out_draw) {                                           \
+    race_row_in(row_logits, explicit_uniforms, k, row, w, out_draw);                                         \
+  }
+DK_RACE_ROW(float)
+DK_RACE_ROW(double)
+DK_RACE_ROW(bf16_t)
+DK_RACE_ROW(f16_t)
+#undef DK_RACE_ROW
 
 template <typename T, typename Logit>
 void step_rows(const at::Tensor& x_hat, const at::Tensor& c_hat, const at::Tensor& denoised, const at::Tensor& logits,
@@ -264,7 +310,7 @@ void step_rows(const at::Tensor& x_hat, const at::Tensor& c_hat, const at::Tenso
   int64_t* co = c_next.data_ptr<int64_t>();
   const int64_t xs = x_hat.stride(0), ds = denoised.stride(0), cs = c_hat.stride(0), ls = logits.stride(0);
   at::parallel_for(0, B, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    RowScratch scratch(L);
+    RowScratch scratch(num_classes, offsets, alpha_t, alpha_s, L);
     int64_t bad_cat = 0, bad_den = 0, bad_logit = 0;
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < n; ++i) {
@@ -284,7 +330,7 @@ void step_rows(const at::Tensor& x_hat, const at::Tensor& c_hat, const at::Tenso
           bad_cat += v < 0 || v > K;
           continue;
         }
-        scratch.cells.push_back({j, offsets[j], K, alpha_t[j], alpha_s[j]});
+        scratch.cells.push_back({j, offsets[j], K, alpha_t[j], alpha_s[j], false});
         if (!scratch.runs.empty() && scratch.runs.back().start + scratch.runs.back().length == offsets[j])
           scratch.runs.back().length += K + 1;
         else
