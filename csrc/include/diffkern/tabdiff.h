@@ -30,7 +30,10 @@ template <typename T>
 DK_HD double as_double(T x) { return static_cast<double>(to_float(x)); }
 
 // Churn of one numerical cell: x + sqrt(max(s_hat^2 - s^2, 0)) eps.
+// Equal levels give exactly x, as in the reference, even where the compiler contracts the
+// difference of squares into an FMA (-march=native builds, CUDA): that one is not exactly 0.
 DK_HD double churn_value(double x, double sigma_cur, double sigma_hat, double eps) {
+  if (sigma_hat == sigma_cur) return x;
   const double var = sigma_hat * sigma_hat - sigma_cur * sigma_cur;
   return x + (var > 0.0 ? std::sqrt(var) : 0.0) * eps;
 }
