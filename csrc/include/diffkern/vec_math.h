@@ -93,14 +93,19 @@ DK_VEC void philox_rounds(uint64_t seed, uint32_t& c0, uint32_t& c1, uint32_t& c
   }
 }
 
+// The counter's last two words: (offset_lo, offset_hi | tag << 28), as philox::words.
+DK_VEC void counter_tail(uint64_t offset, uint32_t tag, uint32_t& c2, uint32_t& c3) {
+  c2 = static_cast<uint32_t>(offset);
+  c3 = (static_cast<uint32_t>(offset >> 32) & 0x0FFFFFFFu) | (tag << 28);
+}
+
 // out[i] = philox::uniform(seed, offset, tag, row, col0 + i) for i < n, the same bits.
 DK_VEC void philox_uniforms(uint64_t seed, uint64_t offset, uint32_t tag, uint32_t row, uint32_t col0, int64_t n,
                             double* DK_RESTRICT out) {
-  const uint32_t c2_start = static_cast<uint32_t>(offset);
-  const uint32_t c3_start = (static_cast<uint32_t>(offset >> 32) & 0x0FFFFFFFu) | (tag << 28);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t c0 = col0 + static_cast<uint32_t>(i), c1 = row, c2 = c2_start, c3 = c3_start;
+    uint32_t c0 = col0 + static_cast<uint32_t>(i), c1 = row, c2, c3;
+    counter_tail(offset, tag, c2, c3);
     philox_rounds(seed, c0, c1, c2, c3);
     out[i] = to_unit(c0, c1);
   }
@@ -110,11 +115,10 @@ DK_VEC void philox_uniforms(uint64_t seed, uint64_t offset, uint32_t tag, uint32
 // (Box-Muller; equal to philox::normal to the last bits of libm's log and cos).
 DK_VEC void philox_normals_down(uint64_t seed, uint64_t offset, uint32_t tag, uint32_t row0, uint32_t col, int64_t n,
                                 double* DK_RESTRICT out) {
-  const uint32_t c2_start = static_cast<uint32_t>(offset);
-  const uint32_t c3_start = (static_cast<uint32_t>(offset >> 32) & 0x0FFFFFFFu) | (tag << 28);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t c0 = col, c1 = row0 + static_cast<uint32_t>(i), c2 = c2_start, c3 = c3_start;
+    uint32_t c0 = col, c1 = row0 + static_cast<uint32_t>(i), c2, c3;
+    counter_tail(offset, tag, c2, c3);
     philox_rounds(seed, c0, c1, c2, c3);
     const double radius = std::sqrt(-2.0 * log_positive(to_unit(c0, c1)));
     out[i] = radius * cos_0_2pi(6.283185307179586 * to_unit(c2, c3));
