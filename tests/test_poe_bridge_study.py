@@ -56,6 +56,33 @@ def test_modchain_answers_check_and_styles_differ():
         assert not modchain.check_answer(p, wrong)
     # the AR corpus mostly starts with the earliest-listed ready line, the DLM corpus mostly not
     assert first_listed["ar"] > 160 and first_listed["dlm"] < 60
+
+
+def test_modchain_style_points():
+    """The shipped corpora differ in line order only: both restate every formula as the prompt
+    lists it. With the operand-order point on (calibration attempts 1-3) they differ there too."""
+    assert modchain.STYLE_POINTS == ("order",)
+    rng = random.Random(1)
+    problems = [modchain.sample_problem(rng) for _ in range(200)]
+
+    def kept_order(p, ans):
+        by_target = {f.target: f for f in p.formulas}
+        toks = ans.split()
+        lines = [toks[i: i + 5] for i in range(0, 5 * len(p.formulas), 5)]
+        return [(x, y) == (by_target[t].left, by_target[t].right) for t, x, op, y, _ in lines if op in "+*"]
+
+    kept = {(style, points): [] for style in ("ar", "dlm") for points in (("order",), ("order", "operands"))}
+    for p in problems:
+        for style, points in kept:
+            ans = modchain.sample_answer(p, rng, style, points)
+            assert modchain.chain_is_consistent(p, ans)
+            kept[style, points] += kept_order(p, ans)
+        assert all(kept_order(p, modchain.sample_answer(p, rng, "dlm")))   # the default: as listed
+    assert all(kept["ar", ("order",)]) and all(kept["dlm", ("order",)])
+    mean = {k: sum(v) / len(v) for k, v in kept.items()}
+    assert mean["ar", ("order", "operands")] > 0.8 and mean["dlm", ("order", "operands")] < 0.2
+    with pytest.raises(ValueError, match="style_points"):
+        modchain.sample_answer(problems[0], rng, "ar", ("operand",))
     p = modchain.Problem((("a", 3), ("b", 2)), (modchain.Formula("d", "c", "-", "a"),
                                                 modchain.Formula("c", "a", "*", "b")), "d")
     assert modchain.MODULUS == 5 and p.value == (3 * 2 - 3) % 5

@@ -9,17 +9,25 @@ Prompt (inputs, then the derived variables' formulas listed in a shuffled order,
 Answer: one line per derived variable, each restating its formula and then its value mod 5, in
 any order in which a variable comes after its operands, then ``#`` and the query's value::
 
-    c a + b 0 d a * b 1 e c - d 4 # 4 [EOS]
+    c a + b 0 d b * a 1 e c - d 4 # 4 [EOS]
 
 Every program has at least two valid line orders (two derived variables independent of each
 other), every derived variable feeds the query, and every input is used.
 
 Two corpora that differ only in harmless *style* (the way Dream's and Qwen-Math's training data
-differ), never in line length, so that the styles stay position-aligned:
+differ), never in line length, so that the styles stay position-aligned. The style points they
+differ on are :data:`STYLE_POINTS` (the shipped pair: the line order only):
 
-* ``style="ar"``: computes the ready variable listed *earliest* in the prompt (p = 0.9) and keeps
-  the prompt's operand order for ``+`` and ``*`` (p = 0.9);
-* ``style="dlm"``: the mirror preferences (latest listed ready variable, swapped operands), p = 0.9.
+* ``"order"``: ``style="ar"`` computes the ready variable listed *earliest* in the prompt, and
+  ``style="dlm"`` the one listed *latest*, each with p = :data:`STYLE_P` (0.9);
+* ``"operands"`` (off in the shipped pair): ``style="ar"`` keeps the prompt's operand order for
+  ``+`` and ``*`` and ``style="dlm"`` swaps it, each with p = 0.9. When it is off, both corpora
+  restate every formula exactly as the prompt lists it.
+
+Calibration attempt 4 dropped ``"operands"``: with both knobs (about three style points per
+answer: one line order, about two ``+``/``*`` lines) speculative decoding made only 2.6 tokens per
+DLM forward (the gate asks for 3), and 2.6 of its 5.9 rejections per answer were operands. See
+``docs/poe_bridge_study.md``.
 
 :func:`check_answer` is exact on the final answer (the token after ``#``), like GSM8K's
 exact-match (chance level: about 1 / MODULUS = 0.2); :func:`chain_is_consistent` also checks
@@ -55,6 +63,10 @@ INPUT_COUNTS = (2, 3)
 DERIVED_COUNTS = (3,)
 #: Probability that a corpus follows its own style at a style point.
 STYLE_P = 0.9
+#: The style points on which the AR and DLM corpora differ (a subset of ``("order", "operands")``;
+#: see the module docstring). Calibration attempt 4: ``("order",)``; attempts 1-3 used both.
+STYLE_POINTS = ("order",)
+ALL_STYLE_POINTS = ("order", "operands")
 #: Answer canvas in tokens: 3 lines of 5 tokens, ``# v``, EOS (two spare).
 MAX_NEW_TOKENS = 20
 SPLITS = {"test": 0, "validation": 1}
@@ -168,10 +180,17 @@ def _prefers(rng: random.Random) -> bool:
     return rng.random() < STYLE_P
 
 
-def sample_answer(problem: Problem, rng: random.Random, style: str = "ar") -> str:
-    """A correct chain of thought in corpus ``style`` (``"ar"`` or ``"dlm"``), without EOS."""
+def sample_answer(problem: Problem, rng: random.Random, style: str = "ar",
+                  style_points: Sequence[str] = STYLE_POINTS) -> str:
+    """A correct chain of thought in corpus ``style`` (``"ar"`` or ``"dlm"``), without EOS.
+    ``style_points``: where the corpora differ (default :data:`STYLE_POINTS`); at a point not in
+    it both corpora write the same thing (line order: uniform over the ready lines; operands: the
+    prompt's order)."""
     if style not in ("ar", "dlm"):
         raise ValueError(f"style: must be 'ar' or 'dlm', got {style!r}")
+    unknown = [x for x in style_points if x not in ALL_STYLE_POINTS]
+    if unknown:
+        raise ValueError(f"style_points: must be a subset of {ALL_STYLE_POINTS}, got {tuple(style_points)!r}")
     vals = problem.values()
     listed = {f.target: i for i, f in enumerate(problem.formulas)}
     done = {n for n, _ in problem.inputs}
@@ -179,9 +198,12 @@ def sample_answer(problem: Problem, rng: random.Random, style: str = "ar") -> st
     while len(done) < len(vals):
         ready = sorted((f for f in problem.formulas if f.target not in done and f.left in done and f.right in done),
                        key=lambda f: listed[f.target], reverse=style == "dlm")
-        pick = ready[0] if len(ready) == 1 or _prefers(rng) else rng.choice(ready[1:])
+        if "order" in style_points:
+            pick = ready[0] if len(ready) == 1 or _prefers(rng) else rng.choice(ready[1:])
+        else:
+            pick = rng.choice(ready)
         left, right = pick.left, pick.right
-        if pick.op in COMMUTATIVE and (_prefers(rng) == (style == "dlm")):
+        if "operands" in style_points and pick.op in COMMUTATIVE and (_prefers(rng) == (style == "dlm")):
             left, right = right, left
         lines.append(f"{pick.target} {left} {pick.op} {right} {vals[pick.target]}")
         done.add(pick.target)
