@@ -177,9 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tabdiff_churn_kernel(
 // run of L = 113). The math and order of tabdiff::unmask_draw, with vec::exp/log in place of
 // libm's, so a draw can differ from the reference's only when two race keys of one cell lie
 // within an ulp of each other.
-struct Cell {     // a masked cell: its segment and the step's unmask weights
+struct Cell {     // a masked cell: its segment and the MASK weight's alpha_s (the gap is per slot)
   int64_t column, offset, K;
-  double alpha_t, alpha_s;
+  double alpha_s;
   bool bad;       // NaN or +inf in the segment, or every class logit -inf
 };
 struct Run {      // adjacent masked segments: slots [start, start + length) of the row
@@ -330,7 +330,7 @@ void step_rows(const at::Tensor& x_hat, const at::Tensor& c_hat, const at::Tenso
           bad_cat += v < 0 || v > K;
           continue;
         }
-        scratch.cells.push_back({j, offsets[j], K, alpha_t[j], alpha_s[j], false});
+        scratch.cells.push_back({j, offsets[j], K, alpha_s[j], false});
         if (!scratch.runs.empty() && scratch.runs.back().start + scratch.runs.back().length == offsets[j])
           scratch.runs.back().length += K + 1;
         else
