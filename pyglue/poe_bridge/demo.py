@@ -145,33 +145,85 @@ def print_claims(claims) -> None:
         print(f"  {'HOLDS' if c.holds else 'FAILS':<5} {c.name:<48} {v} {iv}   ({c.statement})")
 
 
+#: Methods whose drafts the AR model checks; they crowd one corner, drawn again in a zoomed panel.
+_CHECKED = ("speculative", "poe-bridge", "official")
+_COLOURS = {"speculative": "tab:orange", "is-only": "tab:red", "poe-bridge": "tab:blue", "official": "tab:purple"}
+
+
+def _spread_labels(ax, points, xlog: bool, min_gap: float) -> None:
+    """Annotate ``points`` ([(x, y, label)]) so that no two labels at nearby x overlap: labels are
+    pushed up, in order of y, to at least ``min_gap`` (in y units) above any earlier nearby one,
+    with a thin leader line when a label moved."""
+    import math
+    near = (lambda a, b: abs(math.log10(a) - math.log10(b)) < 0.3) if xlog else (
+        lambda a, b: abs(a - b) < 0.12 * (ax.get_xlim()[1] - ax.get_xlim()[0]))
+    placed = []
+    for x, y, label in sorted(points, key=lambda p: p[1]):
+        ly = y
+        for px, pl in placed:
+            if near(x, px) and ly - pl < min_gap:
+                ly = pl + min_gap
+        placed.append((x, ly))
+        width = ax.get_xlim()[1] - ax.get_xlim()[0]
+        tx = x * 1.04 if xlog else x + 0.02 * width
+        arrow = dict(arrowstyle="-", lw=0.4, color="0.5") if ly - y > 1e-9 else None
+        ax.annotate(label, (x, y), xytext=(tx, ly), fontsize=6, ha="left", va="center", arrowprops=arrow)
+
+
+def _draw_rows(ax, rows, default_label, small_sweep=True):
+    """Error bars per row; the default PoE-Bridge setting as a large star."""
+    for r in rows:
+        c = _COLOURS.get(r["method"], "tab:green" if r["method"].startswith("dlm") else "tab:gray")
+        sweep = r["method"] == "poe-bridge" and r["label"] != default_label
+        lo, hi = r["accuracy_ci"]
+        default = r["label"] == default_label
+        ax.errorbar(r["dlm_forwards"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
+                    fmt="*" if default else "o", color=c, ms=11 if default else 3 if sweep and small_sweep else 5,
+                    lw=0.6, alpha=0.45 if sweep else 1.0, zorder=3 if default else 2)
+
+
 def plot(pooled_rows, path: str, title: str, default_label: str) -> None:
-    """Accuracy (Wilson 95 %) against DLM forwards per problem; the PoE-Bridge sweep is drawn
-    unlabelled except for the default setting, so that the baselines stay readable."""
+    """Accuracy (Wilson 95 %) against DLM forwards per problem. Left: every setting (log x). Right:
+    a zoom on the decoders the AR model checks (speculative, PoE-Bridge, official), which crowd
+    one corner; the PoE-Bridge sweep is drawn unlabelled except for the default setting."""
     import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    colours = {"speculative": "tab:orange", "is-only": "tab:red", "poe-bridge": "tab:blue", "official": "tab:purple"}
-    for r in pooled_rows:
-        if not r["dlm_forwards"]:
-            ax.axhline(r["accuracy"], color="black", ls="--", lw=1, label=f"AR alone ({r['accuracy']:.2f})")
-            continue
-        c = colours.get(r["method"], "tab:green" if r["method"].startswith("dlm") else "tab:gray")
-        sweep = r["method"] == "poe-bridge" and r["label"] != default_label
-        lo, hi = r["accuracy_ci"]
-        ax.errorbar(r["dlm_forwards"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
-                    fmt="o", color=c, ms=3 if sweep else 5, lw=0.6, alpha=0.45 if sweep else 1.0)
-        if not sweep:
-            ax.annotate(r["label"], (r["dlm_forwards"], r["accuracy"]), fontsize=6, xytext=(4, -8),
-                        textcoords="offset points")
-    ax.plot([], [], "o", color="tab:blue", alpha=0.45, ms=3, label="PoE-Bridge sweep (w, K)")
+    ar_rows = [r for r in pooled_rows if not r["dlm_forwards"]]
+    rows = [r for r in pooled_rows if r["dlm_forwards"]]
+    checked = [r for r in rows if r["method"].split("-no-")[0] in _CHECKED]
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [1.15, 1]})
+    for a in (ax, zoom):
+        for r in ar_rows:
+            a.axhline(r["accuracy"], color="black", ls="--", lw=1, label=f"AR alone ({r['accuracy']:.2f})")
+        a.plot([], [], "o", color="tab:blue", alpha=0.45, ms=3, label="PoE-Bridge sweep (w, K)")
+        a.set_ylabel("accuracy (Wilson 95 %)")
+    _draw_rows(ax, rows, default_label)
     ax.set_xscale("log")
     ax.set_xlabel("DLM forwards per problem (log)")
-    ax.set_ylabel("accuracy (Wilson 95 %)")
-    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=7)
+    ax.set_title("every setting", fontsize=8)
+    lo_y, hi_y = ax.get_ylim()
+    others = [(r["dlm_forwards"], r["accuracy"], r["label"]) for r in rows if r not in checked]
+    if checked:
+        xs = [r["dlm_forwards"] for r in checked]
+        ys = [r["accuracy"] for r in checked]
+        others.append((min(xs), max(ys) + 0.04 * (hi_y - lo_y), "checked by the AR model: zoom right"))
+    _spread_labels(ax, others, xlog=True, min_gap=0.035 * (hi_y - lo_y))
     ax.legend(fontsize=7, loc="lower right")
+    if checked:
+        _draw_rows(zoom, checked, default_label, small_sweep=True)
+        zoom.margins(x=0.25, y=0.15)
+        zoom.set_xlabel("DLM forwards per problem")
+        zoom.set_title("zoom: speculative, PoE-Bridge, official (AR-checked)", fontsize=8)
+        zlo, zhi = zoom.get_ylim()
+        labelled = [(r["dlm_forwards"], r["accuracy"], r["label"]) for r in checked
+                    if not (r["method"] == "poe-bridge" and r["label"] != default_label)]
+        _spread_labels(zoom, labelled, xlog=False, min_gap=0.05 * (zhi - zlo))
+        zoom.legend(fontsize=7, loc="lower left")
+    else:
+        zoom.set_visible(False)
+    fig.suptitle("\n".join(textwrap.wrap(title, 160)), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
