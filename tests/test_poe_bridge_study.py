@@ -92,6 +92,25 @@ def test_modchain_style_points():
     assert not modchain.check_answer(p, "c a * b 1 d c - a 3 #")
 
 
+def test_first_fault_locates_where_a_chain_goes_wrong():
+    p = modchain.Problem((("a", 3), ("b", 2)), (modchain.Formula("d", "c", "-", "a"),
+                                                modchain.Formula("c", "a", "*", "b")), "d")
+    cases = {"c b * a 1 d c - a 3 # 3": None,
+             "c a * b 1 d c - a 3 # 4": ("answer", None),
+             "c a * b 2 d c - a 4 # 4": ("value", 1),           # 3 * 2 = 1 mod 5, and the error carries on
+             "c a * b 1 d c - a 2 # 2": ("value", 2),
+             "c a * b 1 d a - c 3 # 3": ("formula", 2),         # '-' is not commutative
+             "c a + b 0 d c - a 2 # 2": ("formula", 1),         # a wrong operator
+             "c a * b 1 c a * b 1 # 1": ("formula", 2),         # c restated twice
+             "d c - a 3 c b * a 1 # 3": ("order", 1),           # d before its operand c
+             "c a * b 1 # 1": ("malformed", None),              # a line missing
+             "c a * b 1 d c - a 3 3": ("malformed", None),      # no '#'
+             "c a * b 1 d c - # 3": ("malformed", None)}        # not whole lines
+    for answer, fault in cases.items():
+        assert modchain.first_fault(p, answer) == fault, answer
+        assert modchain.chain_is_consistent(p, answer) == (fault is None)
+
+
 def test_held_out_splits_are_disjoint_from_training():
     for name in ("modchain", "reorganize"):
         spec = tasks.get(name)
@@ -316,3 +335,25 @@ def test_ragged_batch_on_the_modchain_pair():
     acc_batch = sum(spec.score(tok, problems, batch.sequences)) / len(problems)
     acc_single = sum(spec.score(tok, problems, single)) / len(problems)
     assert acc_batch >= 0.5 and abs(acc_batch - acc_single) <= 0.25
+
+
+@pytest.mark.skipif(not all((tasks.get("modchain").asset_dir / m / "config.json").exists() for m in ("ar", "dlm")),
+                    reason="the ModChain pair is not built (scripts/train_poe_bridge_models.py --task modchain)")
+def test_error_script_classifies_the_demos_own_answers(capsys):
+    """scripts/poe_bridge_errors.py decodes with the demo's settings and seeds: its accuracy per
+    setting is the demo's (the checker's) and its fault rates account for every wrong answer."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "poe_bridge_errors.py"
+    spec_ = importlib.util.spec_from_file_location("poe_bridge_errors", path)
+    script = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(script)
+    torch.set_num_threads(1)
+    assert script.main(["--num-problems", "6", "--seeds", "1", "--batch-size", "3", "--settings", "speculative"]) == 0
+    lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith(("ar ", "spec"))}
+    assert set(lines) == {"ar", "speculative"}
+    for cols in lines.values():
+        acc, rates, lucky = float(cols[1]), [float(c) for c in cols[2:13]], float(cols[13])
+        assert abs((1 - acc) * 100 - (sum(rates) - lucky)) < 0.7        # wrong = faulty chains - lucky ones (rounded)
+    with pytest.raises(SystemExit):
+        script.main(["--settings", "poe-bridge w=0.9 K=4"])

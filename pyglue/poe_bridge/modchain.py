@@ -222,25 +222,43 @@ def check_answer(problem: Problem, answer: str) -> bool:
 def chain_is_consistent(problem: Problem, answer: str) -> bool:
     """Secondary check: every line is a formula of the program (operands possibly swapped for
     ``+``/``*``), restated after its operands, with its correct value, each exactly once."""
+    return first_fault(problem, answer) is None
+
+
+FAULTS = ("malformed", "formula", "order", "value", "answer")
+
+
+def first_fault(problem: Problem, answer: str):
+    """Where a chain first goes wrong: ``None`` when every line and the answer are right, else
+    ``(kind, line)`` with ``line`` 1-based (``None`` for ``"malformed"`` and ``"answer"``) and
+    ``kind`` one of :data:`FAULTS`: ``malformed`` (no ``#`` or a body that is not whole 5-token
+    lines), ``formula`` (the restated line is not a program formula still to compute), ``order``
+    (a right formula whose operand is not computed yet), ``value`` (right formula, wrong value),
+    ``answer`` (every line right, the token after ``#`` wrong). Used to diagnose where a decoder
+    loses accuracy (scripts/poe_bridge_errors.py)."""
     toks = answer.split()
-    if ANSWER not in toks or not check_answer(problem, answer):
-        return False
+    if ANSWER not in toks:
+        return ("malformed", None)
     body = toks[: toks.index(ANSWER)]
-    if len(body) != 5 * len(problem.formulas):
-        return False
+    if len(body) % 5:
+        return ("malformed", None)
     by_target = {f.target: f for f in problem.formulas}
     vals, known = problem.values(), {n for n, _ in problem.inputs}
-    for i in range(0, len(body), 5):
+    for line, i in enumerate(range(0, len(body), 5), start=1):
         t, x, op, y, v = body[i: i + 5]
         f = by_target.get(t)
-        if f is None or t in known or op != f.op or v != str(vals[t]):
-            return False
-        if (x, y) != (f.left, f.right) and not (op in COMMUTATIVE and (y, x) == (f.left, f.right)):
-            return False
+        same = f is not None and op == f.op and ((x, y) == (f.left, f.right) or
+                                                 (op in COMMUTATIVE and (y, x) == (f.left, f.right)))
+        if not same or t in known:
+            return ("formula", line)
         if x not in known or y not in known:
-            return False
+            return ("order", line)
+        if v != str(vals[t]):
+            return ("value", line)
         known.add(t)
-    return True
+    if len(body) != 5 * len(problem.formulas):
+        return ("malformed", None)
+    return None if check_answer(problem, answer) else ("answer", None)
 
 
 def score_texts(problems: Sequence[Problem], answers: Sequence[str]) -> List[bool]:
