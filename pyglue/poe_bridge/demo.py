@@ -170,7 +170,7 @@ def _spread_labels(ax, points, xlog: bool, min_gap: float) -> None:
         ax.annotate(label, (x, y), xytext=(tx, ly), fontsize=6, ha="left", va="center", arrowprops=arrow)
 
 
-def _draw_rows(ax, rows, default_label, small_sweep=True):
+def _draw_rows(ax, rows, default_label):
     """Error bars per row; the default PoE-Bridge setting as a large star."""
     for r in rows:
         c = _COLOURS.get(r["method"], "tab:green" if r["method"].startswith("dlm") else "tab:gray")
@@ -178,7 +178,7 @@ def _draw_rows(ax, rows, default_label, small_sweep=True):
         lo, hi = r["accuracy_ci"]
         default = r["label"] == default_label
         ax.errorbar(r["dlm_forwards"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
-                    fmt="*" if default else "o", color=c, ms=11 if default else 3 if sweep and small_sweep else 5,
+                    fmt="*" if default else "o", color=c, ms=11 if default else 3 if sweep else 5,
                     lw=0.6, alpha=0.45 if sweep else 1.0, zorder=3 if default else 2)
 
 
@@ -212,7 +212,7 @@ def plot(pooled_rows, path: str, title: str, default_label: str) -> None:
     _spread_labels(ax, others, xlog=True, min_gap=0.035 * (hi_y - lo_y))
     ax.legend(fontsize=7, loc="lower right")
     if checked:
-        _draw_rows(zoom, checked, default_label, small_sweep=True)
+        _draw_rows(zoom, checked, default_label)
         zoom.margins(x=0.25, y=0.15)
         zoom.set_xlabel("DLM forwards per problem")
         zoom.set_title("zoom: speculative, PoE-Bridge, official (AR-checked)", fontsize=8)
