@@ -210,7 +210,7 @@ def plot(pooled_rows, path: str, title: str, default_label: str) -> None:
         ys = [r["accuracy"] for r in checked]
         others.append((min(xs), max(ys) + 0.04 * (hi_y - lo_y), "checked by the AR model: zoom right"))
     _spread_labels(ax, others, xlog=True, min_gap=0.035 * (hi_y - lo_y))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left")
     if checked:
         _draw_rows(zoom, checked, default_label)
         zoom.margins(x=0.25, y=0.15)
