@@ -41,9 +41,7 @@ def borrowed(problem, answer: str, line: int) -> bool:
     """Whether the faulty restated ``line`` carries another formula's operator and operands
     (the line of the other style, under this line's variable)."""
     t, x, op, y, _ = answer.split()[5 * (line - 1): 5 * line]
-    return any(f.target != t and op == f.op and ((x, y) == (f.left, f.right) or
-                                               (op in modchain.COMMUTATIVE and (y, x) == (f.left, f.right)))
-               for f in problem.formulas)
+    return any(f.target != t and modchain.restates(f, x, op, y) for f in problem.formulas)
 
 
 def decode(setting, tok, prompts, seeds, batch_size):

@@ -177,26 +177,24 @@ def main(argv=None):
     for name in ("eval_every", "eval_problems", "batch", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.parallel:
-        if args.only is not None:
-            ap.error("--parallel trains both models; it cannot be combined with --only")
-        out_dir = args.out or tasks.get(args.task).asset_dir
-        task.build_tokenizer(tasks.get(args.task).vocab).save_pretrained(str(out_dir / "tokenizer"))
-        return train_in_parallel(argv if argv is not None else sys.argv[1:])
+    if args.parallel and args.only is not None:
+        ap.error("--parallel trains both models; it cannot be combined with --only")
     spec = tasks.get(args.task)
+    out_dir = args.out or spec.asset_dir
+    tok = task.build_tokenizer(spec.vocab)
+    if not args.shared_tokenizer_written:    # one writer when --parallel's two children share the folder
+        tok.save_pretrained(str(out_dir / "tokenizer"))
+    if args.parallel:
+        return train_in_parallel(argv if argv is not None else sys.argv[1:])
     ar_steps, dlm_steps, stop_acc = DEFAULTS[args.task]
     ar_steps = args.ar_steps or ar_steps
     dlm_steps = args.dlm_steps or dlm_steps
     stop_acc = stop_acc if args.ar_stop_accuracy is None else (args.ar_stop_accuracy if args.ar_stop_accuracy > 0
                                                                 else None)
-    out_dir = args.out or spec.asset_dir
     torch.set_num_threads(args.threads)
 
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-    tok = task.build_tokenizer(spec.vocab)
-    if not args.shared_tokenizer_written:
-        tok.save_pretrained(str(out_dir / "tokenizer"))
     V = len(tok)
     common = dict(vocab_size=V, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id)

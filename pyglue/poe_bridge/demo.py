@@ -155,8 +155,8 @@ def _spread_labels(ax, points, xlog: bool, min_gap: float) -> None:
     pushed up, in order of y, to at least ``min_gap`` (in y units) above any earlier nearby one,
     with a thin leader line when a label moved."""
     import math
-    near = (lambda a, b: abs(math.log10(a) - math.log10(b)) < 0.3) if xlog else (
-        lambda a, b: abs(a - b) < 0.12 * (ax.get_xlim()[1] - ax.get_xlim()[0]))
+    width = ax.get_xlim()[1] - ax.get_xlim()[0]
+    near = (lambda a, b: abs(math.log10(a) - math.log10(b)) < 0.3) if xlog else (lambda a, b: abs(a - b) < 0.12 * width)
     placed = []
     for x, y, label in sorted(points, key=lambda p: p[1]):
         ly = y
@@ -164,17 +164,21 @@ def _spread_labels(ax, points, xlog: bool, min_gap: float) -> None:
             if near(x, px) and ly - pl < min_gap:
                 ly = pl + min_gap
         placed.append((x, ly))
-        width = ax.get_xlim()[1] - ax.get_xlim()[0]
         tx = x * 1.04 if xlog else x + 0.02 * width
         arrow = dict(arrowstyle="-", lw=0.4, color="0.5") if ly - y > 1e-9 else None
         ax.annotate(label, (x, y), xytext=(tx, ly), fontsize=6, ha="left", va="center", arrowprops=arrow)
+
+
+def _in_sweep(row, default_label) -> bool:
+    """A PoE-Bridge sweep point other than the default: drawn small and unlabelled."""
+    return row["method"] == "poe-bridge" and row["label"] != default_label
 
 
 def _draw_rows(ax, rows, default_label):
     """Error bars per row; the default PoE-Bridge setting as a large star."""
     for r in rows:
         c = _COLOURS.get(r["method"], "tab:green" if r["method"].startswith("dlm") else "tab:gray")
-        sweep = r["method"] == "poe-bridge" and r["label"] != default_label
+        sweep = _in_sweep(r, default_label)
         lo, hi = r["accuracy_ci"]
         default = r["label"] == default_label
         ax.errorbar(r["dlm_forwards"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
@@ -217,8 +221,7 @@ def plot(pooled_rows, path: str, title: str, default_label: str) -> None:
         zoom.set_xlabel("DLM forwards per problem")
         zoom.set_title("zoom: speculative, PoE-Bridge, official (AR-checked)", fontsize=8)
         zlo, zhi = zoom.get_ylim()
-        labelled = [(r["dlm_forwards"], r["accuracy"], r["label"]) for r in checked
-                    if not (r["method"] == "poe-bridge" and r["label"] != default_label)]
+        labelled = [(r["dlm_forwards"], r["accuracy"], r["label"]) for r in checked if not _in_sweep(r, default_label)]
         _spread_labels(zoom, labelled, xlog=False, min_gap=0.05 * (zhi - zlo))
         zoom.legend(fontsize=7, loc="lower left")
     else:

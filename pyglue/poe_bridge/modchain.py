@@ -228,6 +228,13 @@ def chain_is_consistent(problem: Problem, answer: str) -> bool:
 FAULTS = ("malformed", "formula", "order", "value", "answer")
 
 
+def restates(formula: Formula, left: str, op: str, right: str) -> bool:
+    """Whether ``left op right`` is ``formula``'s right-hand side (operands swapped allowed for
+    ``+``/``*``)."""
+    return op == formula.op and ((left, right) == (formula.left, formula.right) or
+                                 (op in COMMUTATIVE and (right, left) == (formula.left, formula.right)))
+
+
 def first_fault(problem: Problem, answer: str):
     """Where a chain first goes wrong: ``None`` when every line and the answer are right, else
     ``(kind, line)`` with ``line`` 1-based (``None`` for ``"malformed"`` and ``"answer"``) and
@@ -247,9 +254,7 @@ def first_fault(problem: Problem, answer: str):
     for line, i in enumerate(range(0, len(body), 5), start=1):
         t, x, op, y, v = body[i: i + 5]
         f = by_target.get(t)
-        same = f is not None and op == f.op and ((x, y) == (f.left, f.right) or
-                                                 (op in COMMUTATIVE and (y, x) == (f.left, f.right)))
-        if not same or t in known:
+        if f is None or not restates(f, x, op, y) or t in known:
             return ("formula", line)
         if x not in known or y not in known:
             return ("order", line)
